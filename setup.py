@@ -1,0 +1,48 @@
+"""Packaging for lars-tf.
+
+TensorFlow ships as two distributions, `tensorflow` and `tensorflow-cpu`, and
+installing one beside the other is wrong. We require whichever one is already
+installed, `tensorflow` otherwise; set LARS_TF_TENSORFLOW=tensorflow-cpu to
+choose the CPU build on a fresh machine.
+"""
+
+import os
+from importlib import metadata
+
+from setuptools import setup
+
+
+def _tensorflow_distribution() -> str:
+    chosen = os.environ.get("LARS_TF_TENSORFLOW")
+    if chosen:
+        return chosen
+    for name in ("tensorflow", "tensorflow-cpu"):
+        try:
+            metadata.version(name)
+            return name
+        except metadata.PackageNotFoundError:
+            pass
+    return "tensorflow"
+
+
+setup(
+    name="lars-tf",
+    version="0.1.0",
+    description="LARS (Layer-wise Adaptive Rate Scaling) for Keras 3 on TensorFlow, "
+    "and a large-batch ImageNet training app.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["lars_tf", "train"],
+    install_requires=[
+        f"{_tensorflow_distribution()}>=2.16",
+        "keras>=3",
+        "tensorflow-datasets",
+        "absl-py",
+    ],
+    extras_require={
+        "test": ["pytest", "ruff"],
+        "study": ["matplotlib"],
+    },
+)

@@ -1,0 +1,1 @@
+"""The large-batch ImageNet training app: `python -m train.main --help`."""
