@@ -1,3 +1,15 @@
 """lars_tf: LARS (You, Gitman & Ginsburg, 2017) for Keras 3 on TensorFlow."""
 
+from lars_tf.schedules import (
+    WarmupCosineDecay,
+    WarmupPolynomialDecay,
+    scaled_learning_rate,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "WarmupCosineDecay",
+    "WarmupPolynomialDecay",
+    "scaled_learning_rate",
+]

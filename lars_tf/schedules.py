@@ -1,0 +1,235 @@
+"""Learning-rate schedules and the batch-size scaling rule for large-batch training.
+
+LARS is trained, in the paper (You, Gitman & Ginsburg 2017) and in the MLPerf
+ResNet-50 reference, with a linear warm-up followed by polynomial decay of power 2.
+Both schedules here share one step convention, with ``t`` the optimizer step
+(``optimizer.iterations``, the number of updates already applied):
+
+* warm-up, ``0 <= t < warmup_steps``:
+  ``initial + (peak - initial) * t / warmup_steps`` (so step 0 uses ``initial``,
+  as in Keras's ``CosineDecay`` warm-up and MLPerf's ``plr * epoch / w_epochs``);
+* decay, ``warmup_steps <= t < decay_steps``: a curve from ``peak`` at
+  ``t = warmup_steps`` down to ``end`` at ``t = decay_steps``;
+* ``t >= decay_steps``: ``end``.
+
+``decay_steps`` is the *total* step count at which the end rate is reached, warm-up
+included (unlike Keras's ``CosineDecay``, whose ``decay_steps`` counts after the
+warm-up). Both formulas give ``peak`` at ``t = warmup_steps``, so the rate is
+continuous.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+_RULES = ("linear", "sqrt")
+
+
+def _check_schedule_arguments(
+    peak_learning_rate: float,
+    decay_steps: int,
+    warmup_steps: int,
+    initial_learning_rate: float,
+    end_learning_rate: float,
+) -> None:
+    """Raises ValueError naming the first bad argument of a warm-up schedule."""
+    for name, value in (
+        ("peak_learning_rate", peak_learning_rate),
+        ("initial_learning_rate", initial_learning_rate),
+        ("end_learning_rate", end_learning_rate),
+    ):
+        if value < 0:
+            raise ValueError(f"Argument `{name}` must be >= 0. Received: {value}")
+    if decay_steps <= 0:
+        raise ValueError(f"Argument `decay_steps` must be > 0. Received: {decay_steps}")
+    if warmup_steps < 0:
+        raise ValueError(
+            f"Argument `warmup_steps` must be >= 0. Received: {warmup_steps}"
+        )
+    if warmup_steps > decay_steps:
+        raise ValueError(
+            "Argument `warmup_steps` must be <= `decay_steps` (the total number of "
+            f"steps). Received: warmup_steps={warmup_steps}, decay_steps={decay_steps}"
+        )
+
+
+class _WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up then a decay curve; subclasses define the curve."""
+
+    def __init__(
+        self,
+        peak_learning_rate: float,
+        decay_steps: int,
+        warmup_steps: int = 0,
+        initial_learning_rate: float = 0.0,
+        end_learning_rate: float = 0.0,
+        name: str | None = None,
+    ):
+        super().__init__()
+        _check_schedule_arguments(
+            peak_learning_rate,
+            decay_steps,
+            warmup_steps,
+            initial_learning_rate,
+            end_learning_rate,
+        )
+        self.peak_learning_rate = float(peak_learning_rate)
+        self.decay_steps = int(decay_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.end_learning_rate = float(end_learning_rate)
+        self.name = name or type(self).__name__
+
+    def _decayed_fraction(self, progress):
+        """Maps decay progress in [0, 1] to the weight of (peak - end)."""
+        raise NotImplementedError
+
+    def __call__(self, step):
+        with keras.name_scope(self.name):
+            step = ops.cast(step, "float32")
+            warmup_steps = float(self.warmup_steps)
+            # max(.., 1) keeps both divisions finite when a phase has zero length;
+            # the phase's branch is then never selected.
+            warmup_progress = step / max(warmup_steps, 1.0)
+            warmup_rate = self.initial_learning_rate + warmup_progress * (
+                self.peak_learning_rate - self.initial_learning_rate
+            )
+            decay_length = max(float(self.decay_steps) - warmup_steps, 1.0)
+            decay_progress = ops.clip((step - warmup_steps) / decay_length, 0.0, 1.0)
+            decay_rate = self.end_learning_rate + self._decayed_fraction(
+                decay_progress
+            ) * (self.peak_learning_rate - self.end_learning_rate)
+            rate = ops.where(step < warmup_steps, warmup_rate, decay_rate)
+            return ops.where(
+                step >= float(self.decay_steps), self.end_learning_rate, rate
+            )
+
+    def get_config(self) -> dict:
+        return {
+            "peak_learning_rate": self.peak_learning_rate,
+            "decay_steps": self.decay_steps,
+            "warmup_steps": self.warmup_steps,
+            "initial_learning_rate": self.initial_learning_rate,
+            "end_learning_rate": self.end_learning_rate,
+            "name": self.name,
+        }
+
+
+@keras.saving.register_keras_serializable(package="lars_tf")
+class WarmupPolynomialDecay(_WarmupDecay):
+    """Linear warm-up to a peak rate, then polynomial decay (the paper's "poly(2)").
+
+    For step ``t`` (see the module docstring for the warm-up phase), with
+    ``w = warmup_steps`` and ``T = decay_steps``::
+
+        w <= t < T:  (peak - end) * (1 - (t - w) / (T - w)) ** power + end
+        t >= T:      end
+
+    This is the LARS paper's and MLPerf's poly schedule, ``power=2`` by default.
+    MLPerf's TF reference (``lars_util.poly_rate_schedule``) computes the same curve
+    with a decay length one step longer, ``train_steps - w + 1``, and
+    ``max(t - w, 1)``; its rate never quite reaches ``end``. The two differ by
+    ``O(1 / (T - w))`` of the peak rate.
+
+    Args:
+        peak_learning_rate: Rate at the end of warm-up (``t = warmup_steps``).
+        decay_steps: Total step at which ``end_learning_rate`` is reached,
+            warm-up included.
+        warmup_steps: Number of linear warm-up steps; 0 starts at the peak.
+        initial_learning_rate: Rate at step 0 when ``warmup_steps > 0``.
+        end_learning_rate: Rate from ``decay_steps`` on.
+        power: Exponent of the decay; must be > 0.
+        name: Name scope of the ops.
+    """
+
+    def __init__(
+        self,
+        peak_learning_rate: float,
+        decay_steps: int,
+        warmup_steps: int = 0,
+        initial_learning_rate: float = 0.0,
+        end_learning_rate: float = 0.0,
+        power: float = 2.0,
+        name: str | None = None,
+    ):
+        super().__init__(
+            peak_learning_rate,
+            decay_steps,
+            warmup_steps,
+            initial_learning_rate,
+            end_learning_rate,
+            name,
+        )
+        if power <= 0:
+            raise ValueError(f"Argument `power` must be > 0. Received: {power}")
+        self.power = float(power)
+
+    def _decayed_fraction(self, progress):
+        return ops.power(1.0 - progress, self.power)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "power": self.power}
+
+
+@keras.saving.register_keras_serializable(package="lars_tf")
+class WarmupCosineDecay(_WarmupDecay):
+    """Linear warm-up to a peak rate, then half-cosine decay to the end rate.
+
+    For step ``t`` (see the module docstring for the warm-up phase), with
+    ``w = warmup_steps`` and ``T = decay_steps``::
+
+        w <= t < T:  end + (peak - end) * 0.5 * (1 + cos(pi * (t - w) / (T - w)))
+        t >= T:      end
+
+    Args:
+        peak_learning_rate: Rate at the end of warm-up (``t = warmup_steps``).
+        decay_steps: Total step at which ``end_learning_rate`` is reached,
+            warm-up included.
+        warmup_steps: Number of linear warm-up steps; 0 starts at the peak.
+        initial_learning_rate: Rate at step 0 when ``warmup_steps > 0``.
+        end_learning_rate: Rate from ``decay_steps`` on.
+        name: Name scope of the ops.
+    """
+
+    def _decayed_fraction(self, progress):
+        return 0.5 * (1.0 + ops.cos(math.pi * progress))
+
+
+def scaled_learning_rate(
+    base_learning_rate: float,
+    batch_size: int,
+    base_batch_size: int = 256,
+    rule: str = "linear",
+) -> float:
+    """Scales a learning rate tuned at ``base_batch_size`` to ``batch_size``.
+
+    ``"linear"`` multiplies by ``batch_size / base_batch_size`` (Goyal et al. 2017);
+    ``"sqrt"`` by its square root (Krizhevsky 2014, Hoffer et al. 2017). The LARS
+    paper notes that linear scaling alone diverges for large batches without
+    warm-up and LARS.
+
+    Args:
+        base_learning_rate: Rate that works at ``base_batch_size``; must be >= 0.
+        batch_size: Global batch size to scale to; must be > 0.
+        base_batch_size: Batch size the base rate was tuned for; must be > 0.
+        rule: ``"linear"`` or ``"sqrt"``.
+
+    Returns:
+        The scaled learning rate as a Python float.
+    """
+    if base_learning_rate < 0:
+        raise ValueError(
+            "Argument `base_learning_rate` must be >= 0. "
+            f"Received: {base_learning_rate}"
+        )
+    if batch_size <= 0:
+        raise ValueError(f"Argument `batch_size` must be > 0. Received: {batch_size}")
+    if base_batch_size <= 0:
+        raise ValueError(
+            f"Argument `base_batch_size` must be > 0. Received: {base_batch_size}"
+        )
+    if rule not in _RULES:
+        raise ValueError(f"Argument `rule` must be one of {_RULES}. Received: {rule!r}")
+    ratio = batch_size / base_batch_size
+    return float(base_learning_rate * (ratio if rule == "linear" else math.sqrt(ratio)))
