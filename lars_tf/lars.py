@@ -157,7 +157,8 @@ class LARS(keras.optimizers.Optimizer):
         _check_range("trust_coefficient", trust_coefficient, low=0.0, low_open=True)
         if nesterov and momentum == 0:
             raise ValueError(
-                "`nesterov=True` needs `momentum` in (0, 1). Received: momentum=0"
+                "`nesterov` needs `momentum` in (0, 1). "
+                "Received: nesterov=True, momentum=0"
             )
         if kwargs.get("weight_decay") is not None:
             raise ValueError("Pass `weight_decay` once.")

@@ -1,0 +1,567 @@
+"""Tests of lars_tf.LARS against an independent float64 NumPy reference."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import lars_tf
+
+# ---------------------------------------------------------------------------
+# The reference: the update rule of the paper (Algorithm 1) with momentum as
+# the issue states it, written from the formula, in float64.
+
+
+def reference_step(
+    w, v, g, lr, *, momentum, weight_decay, eta, epsilon, nesterov, clip, adapted
+):
+    w, g = w.astype(np.float64), g.astype(np.float64)
+    if adapted:
+        w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
+        if w_norm > 0 and g_norm > 0:
+            ratio = eta * w_norm / (g_norm + weight_decay * w_norm + epsilon)
+        else:
+            ratio = 1.0
+        local_lr = min(ratio, lr) if clip else lr * ratio
+    else:
+        local_lr = lr
+    update = local_lr * (g + weight_decay * w)
+    if momentum == 0:
+        return w - update, v
+    v = momentum * v + update
+    if nesterov:
+        return w - (momentum * v + update), v
+    return w - v, v
+
+
+def reference_run(weights, grad_steps, lrs, adapted, decays, **hyper):
+    weights = [w.astype(np.float64) for w in weights]
+    velocities = [np.zeros_like(w) for w in weights]
+    for grads, lr in zip(grad_steps, lrs):
+        for i, g in enumerate(grads):
+            weights[i], velocities[i] = reference_step(
+                weights[i],
+                velocities[i],
+                g,
+                lr,
+                weight_decay=decays[i],
+                adapted=adapted[i],
+                **hyper,
+            )
+    return weights
+
+
+def small_model(with_bn=True):
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv1")(inputs)
+    if with_bn:
+        x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(5, name="fc")(x)
+    return keras.Model(inputs, outputs, name="model")
+
+
+def random_problem(seed, num_steps=4):
+    """A model's variables set to random values, and random gradients."""
+    rng = np.random.default_rng(seed)
+    model = small_model()
+    variables = model.trainable_variables
+    for v in variables:
+        v.assign(rng.normal(size=v.shape).astype(np.float32))
+    weights = [v.numpy() for v in variables]
+    grad_steps = [
+        [
+            (rng.normal(size=v.shape) * rng.uniform(0.01, 2)).astype(np.float32)
+            for v in variables
+        ]
+        for _ in range(num_steps)
+    ]
+    return variables, weights, grad_steps
+
+
+def assert_close_to_reference(variables, expected):
+    for variable, want in zip(variables, expected):
+        np.testing.assert_allclose(
+            variable.numpy(),
+            want,
+            rtol=1e-6,
+            atol=1e-6 * np.abs(want).max(),
+            err_msg=variable.path,
+        )
+
+
+CASES = {
+    "plain": dict(momentum=0.9),
+    "no_momentum": dict(momentum=0.0),
+    "nesterov": dict(momentum=0.9, nesterov=True),
+    "clip": dict(momentum=0.9, clip=True, weight_decay=1e-3),
+    "weight_decay": dict(momentum=0.9, weight_decay=5e-3, epsilon=1e-5),
+    "big_eta": dict(momentum=0.8, trust_coefficient=0.02, weight_decay=1e-4),
+    "regex_exclusion": dict(
+        momentum=0.9,
+        weight_decay=1e-2,
+        exclude_from_adaptation=["bias$", r"bn\d/"],
+        exclude_from_weight_decay=["bn1/beta"],
+    ),
+    "predicate_exclusion": dict(
+        momentum=0.9,
+        weight_decay=1e-2,
+        nesterov=True,
+        exclude_from_adaptation=lars_tf.exclude_bias_and_norm,
+        exclude_from_weight_decay=lars_tf.exclude_bias_and_norm,
+    ),
+}
+
+
+def expected_flags(variables, kwargs):
+    """Which variables are adapted and decayed, decided from the paths."""
+
+    def excluded(rule, v):
+        if rule is None:
+            return False
+        if callable(rule):
+            return len(v.shape) <= 1
+        return any(re.search(p, v.path) for p in rule)
+
+    adapted = [
+        not excluded(kwargs.get("exclude_from_adaptation"), v) for v in variables
+    ]
+    decays = [
+        0.0
+        if excluded(kwargs.get("exclude_from_weight_decay"), v)
+        else kwargs.get("weight_decay", 0.0)
+        for v in variables
+    ]
+    return adapted, decays
+
+
+def hyper_of(kwargs):
+    return dict(
+        momentum=kwargs.get("momentum", 0.9),
+        eta=kwargs.get("trust_coefficient", 0.001),
+        epsilon=kwargs.get("epsilon", 0.0),
+        nesterov=kwargs.get("nesterov", False),
+        clip=kwargs.get("clip", False),
+    )
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_reference(case, jit_compile):
+    kwargs = CASES[case]
+    variables, weights, grad_steps = random_problem(seed=len(case))
+    lr = 0.7 if kwargs.get("clip") else 1.5
+    optimizer = lars_tf.LARS(learning_rate=lr, jit_compile=jit_compile, **kwargs)
+    optimizer.build(variables)
+    apply = tf.function(lambda grads: optimizer.apply_gradients(zip(grads, variables)))
+    for grads in grad_steps:
+        apply([tf.constant(g) for g in grads])
+
+    adapted, decays = expected_flags(variables, kwargs)
+    if "exclusion" in case:  # the exclusions really select something
+        assert not all(adapted) and any(adapted)
+    expected = reference_run(
+        weights, grad_steps, [lr] * len(grad_steps), adapted, decays, **hyper_of(kwargs)
+    )
+    assert_close_to_reference(variables, expected)
+
+
+def test_learning_rate_schedule_and_callable():
+    variables, weights, grad_steps = random_problem(seed=3)
+    # Keras's piecewise rule: values[0] while step <= boundaries[0], and so on.
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        [1, 2], [2.0, 1.0, 0.5]
+    )
+    optimizer = lars_tf.LARS(learning_rate=schedule, weight_decay=1e-3)
+    for grads in grad_steps:
+        optimizer.apply_gradients(zip(grads, variables))
+    expected = reference_run(
+        weights,
+        grad_steps,
+        [2.0, 2.0, 1.0, 0.5],
+        [True] * len(weights),
+        [1e-3] * len(weights),
+        **hyper_of({}),
+    )
+    assert_close_to_reference(variables, expected)
+
+    variables, weights, grad_steps = random_problem(seed=4, num_steps=1)
+    optimizer = lars_tf.LARS(learning_rate=lambda: 0.25)
+    optimizer.apply_gradients(zip(grad_steps[0], variables))
+    expected = reference_run(
+        weights,
+        grad_steps,
+        [0.25],
+        [True] * len(weights),
+        [0.0] * len(weights),
+        **hyper_of({}),
+    )
+    assert_close_to_reference(variables, expected)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_zero_norms_are_finite_and_match_reference(jit_compile):
+    zero_weight = keras.Variable(np.zeros((3, 4), np.float32), name="zero_w")
+    weight = keras.Variable(np.full((5,), 2.0, np.float32), name="w")
+    variables = [zero_weight, weight]
+    grad_steps = [
+        [np.ones((3, 4), np.float32), np.zeros((5,), np.float32)],
+        [np.zeros((3, 4), np.float32), np.zeros((5,), np.float32)],
+        [np.full((3, 4), 0.5, np.float32), np.ones((5,), np.float32)],
+    ]
+    weights = [v.numpy() for v in variables]
+    optimizer = lars_tf.LARS(
+        learning_rate=0.1, weight_decay=1e-2, jit_compile=jit_compile
+    )
+    optimizer.apply_gradients(zip(grad_steps[0], variables))
+    # By hand: ratio 1 for both (||w|| = 0, then ||g|| = 0), so the zero
+    # weight moves by 0.1 * 1 and the other by 0.1 * (0 + 0.01 * 2).
+    np.testing.assert_allclose(zero_weight.numpy(), np.full((3, 4), -0.1), rtol=1e-7)
+    np.testing.assert_allclose(weight.numpy(), np.full((5,), 1.998), rtol=1e-7)
+    for grads in grad_steps[1:]:
+        optimizer.apply_gradients(zip(grads, variables))
+    for v in variables:
+        assert np.all(np.isfinite(v.numpy()))
+    expected = reference_run(
+        weights, grad_steps, [0.1] * 3, [True, True], [1e-2, 1e-2], **hyper_of({})
+    )
+    assert_close_to_reference(variables, expected)
+
+
+def test_indexed_slices_equal_dense():
+    rng = np.random.default_rng(7)
+    table = rng.normal(size=(10, 4)).astype(np.float32)
+    values = rng.normal(size=(3, 4)).astype(np.float32)
+    indices = np.array([1, 7, 1])  # a repeated row is summed, as in dense
+    dense = np.zeros_like(table)
+    np.add.at(dense, indices, values)
+
+    results = []
+    for gradient in (
+        tf.IndexedSlices(
+            tf.constant(values), tf.constant(indices), tf.constant(table.shape)
+        ),
+        tf.constant(dense),
+    ):
+        variable = keras.Variable(table, name="embeddings")
+        optimizer = lars_tf.LARS(learning_rate=0.5, weight_decay=1e-3)
+        for _ in range(3):
+            optimizer.apply_gradients([(gradient, variable)])
+        results.append(variable.numpy())
+    np.testing.assert_array_equal(results[0], results[1])
+
+    # And an Embedding layer's real sparse gradient trains.
+    model = keras.Sequential(
+        [
+            keras.Input((2,), dtype="int32"),
+            keras.layers.Embedding(10, 4),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(lars_tf.LARS(0.1, trust_coefficient=0.01), "mse")
+    history = model.fit(
+        np.array([[1, 2], [3, 4]] * 8), np.ones((16, 1)), epochs=5, verbose=0
+    )
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+@pytest.mark.parametrize(
+    "base_kwargs, transform",
+    [
+        (
+            dict(clipnorm=0.5),
+            lambda gs: [g * min(1.0, 0.5 / np.linalg.norm(g)) for g in gs],
+        ),
+        (dict(clipvalue=0.3), lambda gs: [np.clip(g, -0.3, 0.3) for g in gs]),
+        (
+            dict(global_clipnorm=0.5),
+            lambda gs: [
+                g
+                * min(
+                    1.0,
+                    0.5 / np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in gs)),
+                )
+                for g in gs
+            ],
+        ),
+        (dict(loss_scale_factor=8.0), lambda gs: [g / 8.0 for g in gs]),
+    ],
+    ids=["clipnorm", "clipvalue", "global_clipnorm", "loss_scale_factor"],
+)
+def test_base_gradient_arguments(base_kwargs, transform):
+    variables, weights, grad_steps = random_problem(seed=11, num_steps=2)
+    optimizer = lars_tf.LARS(learning_rate=1.0, weight_decay=1e-3, **base_kwargs)
+    for grads in grad_steps:
+        optimizer.apply_gradients(zip(grads, variables))
+    expected = reference_run(
+        weights,
+        [transform(gs) for gs in grad_steps],
+        [1.0, 1.0],
+        [True] * len(weights),
+        [1e-3] * len(weights),
+        **hyper_of({}),
+    )
+    assert_close_to_reference(variables, expected)
+
+
+def test_gradient_accumulation():
+    variables, weights, grad_steps = random_problem(seed=12, num_steps=4)
+    optimizer = lars_tf.LARS(learning_rate=1.0, gradient_accumulation_steps=2)
+    for grads in grad_steps:
+        optimizer.apply_gradients(zip(grads, variables))
+    averaged = [
+        [(a + b) / 2 for a, b in zip(grad_steps[i], grad_steps[i + 1])] for i in (0, 2)
+    ]
+    expected = reference_run(
+        weights,
+        averaged,
+        [1.0, 1.0],
+        [True] * len(weights),
+        [0.0] * len(weights),
+        **hyper_of({}),
+    )
+    assert_close_to_reference(variables, expected)
+
+
+def test_ema_tracks_weights():
+    variables, weights, grad_steps = random_problem(seed=13, num_steps=1)
+    optimizer = lars_tf.LARS(learning_rate=1.0, use_ema=True, ema_momentum=0.5)
+    optimizer.apply_gradients(zip(grad_steps[0], variables))
+    expected = reference_run(
+        weights,
+        grad_steps,
+        [1.0],
+        [True] * len(weights),
+        [0.0] * len(weights),
+        **hyper_of({}),
+    )
+    assert_close_to_reference(variables, expected)
+    # Keras's EMA starts from the variable's value after the first update.
+    for average, variable in zip(optimizer._model_variables_moving_average, variables):
+        np.testing.assert_allclose(average.numpy(), variable.numpy(), rtol=1e-6)
+
+
+def test_base_exclude_from_weight_decay_method_is_honoured():
+    variables, weights, grad_steps = random_problem(seed=14, num_steps=2)
+    optimizer = lars_tf.LARS(learning_rate=1.0, weight_decay=0.05)
+    optimizer.exclude_from_weight_decay(var_names=["kernel"])
+    for grads in grad_steps:
+        optimizer.apply_gradients(zip(grads, variables))
+    decays = [0.0 if "kernel" in v.name else 0.05 for v in variables]
+    expected = reference_run(
+        weights, grad_steps, [1.0, 1.0], [True] * len(weights), decays, **hyper_of({})
+    )
+    assert_close_to_reference(variables, expected)
+
+
+def test_keras_decoupled_weight_decay_is_not_applied():
+    optimizer = lars_tf.LARS(weight_decay=0.1)
+    assert optimizer.weight_decay is None
+    assert optimizer.get_config()["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(learning_rate=-0.1), "learning_rate"),
+        (dict(learning_rate=float("nan")), "learning_rate"),
+        (dict(learning_rate=float("inf")), "learning_rate"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(momentum=-0.1), "momentum"),
+        (dict(trust_coefficient=0.0), "trust_coefficient"),
+        (dict(trust_coefficient=-1.0), "trust_coefficient"),
+        (dict(weight_decay=-1e-4), "weight_decay"),
+        (dict(weight_decay=float("nan")), "weight_decay"),
+        (dict(epsilon=-1e-9), "epsilon"),
+        (dict(momentum=0.0, nesterov=True), "nesterov"),
+        (dict(exclude_from_adaptation=["bias", "bn("]), "exclude_from_adaptation"),
+        (dict(exclude_from_weight_decay="bias"), "exclude_from_weight_decay"),
+        (dict(exclude_from_weight_decay=[3]), "exclude_from_weight_decay"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=re.escape(f"`{argument}`")):
+        lars_tf.LARS(**kwargs)
+
+
+def test_config_round_trip():
+    optimizer = lars_tf.LARS(
+        learning_rate=lars_tf.WarmupPolynomialDecay(
+            2.0, decay_steps=100, warmup_steps=10
+        ),
+        momentum=0.8,
+        weight_decay=1e-4,
+        trust_coefficient=0.002,
+        epsilon=1e-7,
+        nesterov=True,
+        clip=True,
+        exclude_from_adaptation=["bias", "bn"],
+        exclude_from_weight_decay=lars_tf.exclude_bias_and_norm,
+        jit_compile=True,
+        clipnorm=1.0,
+        name="my_lars",
+    )
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(optimizer)))
+    restored = keras.saving.deserialize_keras_object(config)
+    assert isinstance(restored, lars_tf.LARS)
+    got, want = restored.get_config(), optimizer.get_config()
+    assert got == want
+    assert restored.weight_decay_exclusion is lars_tf.exclude_bias_and_norm
+    assert restored.exclude_from_adaptation == ["bias", "bn"]
+    assert (
+        restored.momentum,
+        restored.coupled_weight_decay,
+        restored.nesterov,
+        restored.clip,
+        restored.jit_compile,
+        restored.clipnorm,
+    ) == (0.8, 1e-4, True, True, True, 1.0)
+
+
+def _fit_data(n=128, seed=0):
+    """Images whose label is the argmax of a fixed linear map: learnable."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6, 6, 3)).astype(np.float32)
+    y = np.argmax(x.reshape(n, -1) @ rng.normal(size=(108, 5)), axis=1)
+    return x, y
+
+
+def _compiled_model(seed=0, **lars_kwargs):
+    keras.utils.set_random_seed(seed)
+    model = small_model()
+    model.compile(
+        optimizer=lars_tf.LARS(
+            learning_rate=1.0, trust_coefficient=0.01, weight_decay=1e-4, **lars_kwargs
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def test_fit_decreases_loss():
+    x, y = _fit_data()
+    model = _compiled_model(exclude_from_adaptation=lars_tf.exclude_bias_and_norm)
+    history = model.fit(x, y, batch_size=16, epochs=6, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_keras_save_load_continues_bit_identically(tmp_path):
+    x, y = _fit_data()
+    fit = dict(batch_size=16, verbose=0, shuffle=False)
+    straight = _compiled_model(nesterov=True)
+    straight.fit(x, y, epochs=4, **fit)
+
+    first = _compiled_model(nesterov=True)
+    first.fit(x, y, epochs=2, **fit)
+    path = str(tmp_path / "m.keras")
+    first.save(path)
+    restored = keras.models.load_model(path)
+    assert isinstance(restored.optimizer, lars_tf.LARS)
+    assert restored.optimizer.nesterov
+    for a, b in zip(restored.optimizer.variables, first.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    restored.fit(x, y, epochs=2, **fit)
+    for a, b in zip(restored.weights, straight.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_tf_train_checkpoint_round_trip(tmp_path):
+    variables, weights, grad_steps = random_problem(seed=21, num_steps=4)
+    optimizer = lars_tf.LARS(learning_rate=1.0, weight_decay=1e-3)
+    for grads in grad_steps[:2]:
+        optimizer.apply_gradients(zip(grads, variables))
+    checkpoint = tf.train.Checkpoint(variables=variables, optimizer=optimizer)
+    path = checkpoint.save(str(tmp_path / "ckpt"))
+    saved = [v.numpy() for v in variables]
+    for grads in grad_steps[2:]:
+        optimizer.apply_gradients(zip(grads, variables))
+    continued = [v.numpy() for v in variables]
+
+    # A fresh optimizer and fresh values, restored, continue identically.
+    for v in variables:
+        v.assign(np.zeros(v.shape, np.float32))
+    fresh = lars_tf.LARS(learning_rate=1.0, weight_decay=1e-3)
+    fresh.build(variables)
+    tf.train.Checkpoint(variables=variables, optimizer=fresh).restore(path)
+    for v, want in zip(variables, saved):
+        np.testing.assert_array_equal(v.numpy(), want)
+    assert int(fresh.iterations.numpy()) == 2
+    for grads in grad_steps[2:]:
+        fresh.apply_gradients(zip(grads, variables))
+    for v, want in zip(variables, continued):
+        np.testing.assert_array_equal(v.numpy(), want)
+
+
+def test_backup_and_restore_resumes_identically(tmp_path):
+    x, y = _fit_data()
+    fit = dict(batch_size=16, verbose=0, shuffle=False)
+    straight = _compiled_model()
+    straight.fit(x, y, epochs=4, **fit)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("interrupted")
+
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    model = _compiled_model()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.fit(x, y, epochs=4, callbacks=[backup, Interrupt()], **fit)
+    resumed = _compiled_model(seed=99)  # other initial weights: all is restored
+    resumed.fit(x, y, epochs=4, callbacks=[backup], **fit)
+    for a, b in zip(resumed.weights, straight.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains_with_float32_slots(policy):
+    x, y = _fit_data()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6, 6, 3))
+        h = keras.layers.Conv2D(4, 3, name="conv1")(inputs)
+        h = keras.layers.BatchNormalization(name="bn1")(h)
+        h = keras.layers.Flatten()(keras.layers.ReLU()(h))
+        logits = keras.layers.Dense(5, name="fc", dtype="float32")(h)
+        model = keras.Model(inputs, logits)
+        model.compile(
+            lars_tf.LARS(1.0, trust_coefficient=0.01, weight_decay=1e-4),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        history = model.fit(x, y, batch_size=16, epochs=6, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
+    optimizer = model.optimizer
+    if policy == "mixed_float16":
+        assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        optimizer = optimizer.inner_optimizer
+    assert isinstance(optimizer, lars_tf.LARS)
+    assert {m.dtype for m in optimizer.momentums} == {"float32"}
+
+
+def test_distributed_matches_single_device():
+    """MirroredStrategy over 2 logical CPUs, in its own process."""
+    script = os.path.join(os.path.dirname(__file__), "lars_distributed_check.py")
+    result = subprocess.run(
+        [sys.executable, script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # Same global batch on one device and on two replicas: same weights.
+    for jit in ("jit_off", "jit_on"):
+        assert report[jit]["max_abs_diff_mirrored_vs_single"] < 1e-5, report
+        assert report[jit]["mirrored_custom_loop_vs_fit"] < 1e-5, report
+        assert report[jit]["moved"] > 0.1, report  # training really happened
+    assert report["max_abs_diff_jit_on_vs_off"] < 1e-5, report
