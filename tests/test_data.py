@@ -1,0 +1,550 @@
+"""Tests of train/data.py and train/preprocessing.py on small hand-written files."""
+
+import gzip
+import logging
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from train import data, preprocessing
+
+NUM_TRAIN_FILES = 4
+PER_FILE = 6
+HEIGHT, WIDTH = 40, 56  # Not square, so crops and aspect ratios matter.
+MEAN = np.array(preprocessing.IMAGENET_MEAN_RGB, np.float64)
+STD = np.array(preprocessing.IMAGENET_STDDEV_RGB, np.float64)
+
+
+def _image(rng: np.random.Generator) -> np.ndarray:
+    """A smooth random picture (JPEG keeps it close to the original)."""
+    ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH]
+    image = np.stack(
+        [
+            128 + 100 * np.sin(xs / rng.uniform(3, 9) + rng.uniform(0, 6)),
+            128 + 100 * np.cos(ys / rng.uniform(3, 9)),
+            np.full_like(xs, rng.integers(0, 256)),
+        ],
+        axis=-1,
+    )
+    return image.astype(np.uint8)
+
+
+def _example(jpeg: bytes, label: int, boxes=()) -> bytes:
+    """A record with the standard ImageNet features (boxes: ymin, xmin, ymax, xmax)."""
+    feature = {
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg])),
+        "image/class/label": tf.train.Feature(
+            int64_list=tf.train.Int64List(value=[label])
+        ),
+        "image/class/text": tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[f"class {label}".encode()])
+        ),
+    }
+    for position, side in enumerate(("ymin", "xmin", "ymax", "xmax")):
+        if boxes:
+            feature[f"image/object/bbox/{side}"] = tf.train.Feature(
+                float_list=tf.train.FloatList(value=[b[position] for b in boxes])
+            )
+    return tf.train.Example(
+        features=tf.train.Features(feature=feature)
+    ).SerializeToString()
+
+
+def _write(path: str, records: list[bytes]) -> None:
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+
+
+@pytest.fixture(scope="module")
+def imagenet_dir(tmp_path_factory):
+    """4 train files, file k holding only label k+1 (1-based), some with boxes;
+    2 validation files. Returns (dir, {filename: [(image uint8, label)]})."""
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    contents = {}
+    for split, num_files in (("train", NUM_TRAIN_FILES), ("validation", 2)):
+        for k in range(num_files):
+            name = f"{split}-{k:05d}-of-{num_files:05d}"
+            records, kept = [], []
+            for i in range(PER_FILE):
+                image = _image(rng)
+                # No chroma subsampling: decode-and-crop then decodes the window
+                # exactly as a full decode would (no upsampling at its edges).
+                jpeg = tf.io.encode_jpeg(
+                    image, quality=100, chroma_downsampling=False
+                ).numpy()
+                boxes = [(0.1, 0.2, 0.6, 0.7)] if i % 2 else ()
+                records.append(_example(jpeg, k + 1, boxes))
+                kept.append((tf.io.decode_jpeg(jpeg).numpy(), k + 1))
+            _write(str(root / name), records)
+            contents[name] = kept
+    return str(root), contents
+
+
+def _collect(dataset, max_batches=100):
+    images, labels = [], []
+    for image, label in dataset.take(max_batches):
+        images.append(image.numpy())
+        labels.append(label.numpy())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _input_fn(data_dir, split="validation", **kwargs):
+    config = dict(
+        source="imagenet",
+        split=split,
+        data_dir=data_dir,
+        global_batch_size=4,
+        image_size=16,
+        augmentation="none",
+        seed=1,
+        deterministic=True,
+        num_classes=NUM_TRAIN_FILES,
+    )
+    config.update(kwargs)
+    return data.make_input_fn(**config)
+
+
+def test_labels_become_zero_based(imagenet_dir):
+    data_dir, _ = imagenet_dir
+    _, labels = _collect(_input_fn(data_dir)())
+    assert labels.dtype == np.int32
+    # validation-00000 holds stored label 1, validation-00001 stored label 2.
+    assert sorted(labels.tolist()) == [0] * PER_FILE + [1] * PER_FILE
+
+
+def test_1001_class_convention_keeps_stored_labels(imagenet_dir):
+    data_dir, _ = imagenet_dir
+    input_fn = _input_fn(data_dir, label_offset=0, num_classes=None)
+    _, labels = _collect(input_fn())
+    assert sorted(set(labels.tolist())) == [1, 2]
+    info = data.dataset_info("imagenet", data_dir, label_offset=0)
+    assert info.num_classes == 1001
+    assert data.dataset_info("imagenet", data_dir).num_classes == 1000
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_training_batches_shape_and_dtype(imagenet_dir, dtype):
+    data_dir, _ = imagenet_dir
+    input_fn = _input_fn(
+        data_dir, split="train", augmentation="extended", dtype=dtype, image_size=24
+    )
+    images, labels = next(iter(input_fn()))
+    assert images.shape == (4, 24, 24, 3)
+    assert images.dtype == tf.as_dtype(dtype)
+    assert labels.shape == (4,) and labels.dtype == tf.int32
+
+
+def test_training_repeats_and_drops_remainder(imagenet_dir):
+    data_dir, _ = imagenet_dir
+    input_fn = _input_fn(data_dir, split="train", global_batch_size=5)
+    # 24 examples per epoch, 5 per batch: 20 batches span 4+ epochs, all full.
+    sizes = [int(labels.shape[0]) for _, labels in input_fn().take(20)]
+    assert sizes == [5] * 20
+
+
+def test_evaluation_keeps_last_partial_batch(imagenet_dir):
+    data_dir, _ = imagenet_dir
+    sizes = [int(y.shape[0]) for _, y in _input_fn(data_dir, global_batch_size=5)()]
+    assert sizes == [5, 5, 2]
+
+
+def test_evaluation_matches_numpy_reference(imagenet_dir):
+    """Center crop of 0.875 of the shorter side, bilinear resize, mean/std."""
+    data_dir, contents = imagenet_dir
+    images, labels = _collect(_input_fn(data_dir, global_batch_size=PER_FILE)())
+    decoded = [image for image, _ in contents["validation-00000-of-00002"]]
+    images = images[labels == 0]  # The first file's, in file order.
+    side = int(0.875 * min(HEIGHT, WIDTH))  # 35
+    top, left = (HEIGHT - side + 1) // 2, (WIDTH - side + 1) // 2
+    for got, original in zip(images, decoded, strict=True):
+        window = original[top : top + side, left : left + side].astype(np.float64)
+        # Bilinear resize by half-pixel centers, 35 -> 16, in float64.
+        centers = (np.arange(16) + 0.5) * side / 16 - 0.5
+        low = np.clip(np.floor(centers).astype(int), 0, side - 1)
+        high = np.clip(low + 1, 0, side - 1)
+        frac = np.clip(centers - np.floor(centers), 0, 1)
+        rows = (
+            window[low] * (1 - frac)[:, None, None] + window[high] * frac[:, None, None]
+        )
+        resized = (
+            rows[:, low] * (1 - frac)[None, :, None]
+            + rows[:, high] * frac[None, :, None]
+        )
+        np.testing.assert_allclose(got, (resized - MEAN) / STD, atol=1e-3)
+
+
+def test_evaluation_is_deterministic(imagenet_dir):
+    data_dir, _ = imagenet_dir
+    first, _ = _collect(_input_fn(data_dir, seed=None, deterministic=False)())
+    second, _ = _collect(_input_fn(data_dir, seed=None, deterministic=False)())
+    np.testing.assert_array_equal(np.sort(first, axis=0), np.sort(second, axis=0))
+
+
+def test_fixed_seed_gives_same_order_and_augmentation(imagenet_dir):
+    data_dir, _ = imagenet_dir
+
+    def run(seed):
+        input_fn = _input_fn(
+            data_dir, split="train", seed=seed, augmentation="extended"
+        )
+        return _collect(input_fn(), max_batches=8)
+
+    images_a, labels_a = run(3)
+    images_b, labels_b = run(3)
+    images_c, labels_c = run(4)
+    np.testing.assert_array_equal(labels_a, labels_b)
+    np.testing.assert_array_equal(images_a, images_b)
+    assert not np.array_equal(images_a, images_c)
+
+
+def test_input_pipelines_read_disjoint_files(imagenet_dir):
+    data_dir, _ = imagenet_dir
+    seen = []
+    for pipeline_id in range(2):
+        context = tf.distribute.InputContext(
+            num_input_pipelines=2,
+            input_pipeline_id=pipeline_id,
+            num_replicas_in_sync=2,
+        )
+        input_fn = _input_fn(data_dir, split="train", global_batch_size=8)
+        images, labels = _collect(input_fn(context), max_batches=6)
+        assert images.shape[0] == 6 * 4  # Per-replica batch: 8 global / 2 replicas.
+        seen.append(set(labels.tolist()))
+    # File k holds only label k: pipeline 0 reads files 0 and 2, pipeline 1 1 and 3.
+    assert seen == [{0, 2}, {1, 3}]
+
+
+def test_fewer_files_than_pipelines_shards_examples_with_warning(imagenet_dir, caplog):
+    data_dir, _ = imagenet_dir
+    counts = []
+    for pipeline_id in range(3):
+        context = tf.distribute.InputContext(3, pipeline_id, 3)
+        with caplog.at_level(logging.WARNING):
+            _, labels = _collect(_input_fn(data_dir, global_batch_size=3)(context))
+        counts.append(len(labels))
+    assert "sharding by example" in caplog.text
+    assert counts == [4, 4, 4]  # 12 validation examples over 3 pipelines.
+
+
+def test_augmented_values_stay_in_normalized_range(imagenet_dir):
+    data_dir, _ = imagenet_dir
+    images, _ = _collect(
+        _input_fn(data_dir, split="train", augmentation="extended")(), max_batches=10
+    )
+    assert np.all(images >= (0 - MEAN) / STD - 1e-4)
+    assert np.all(images <= (255 - MEAN) / STD + 1e-4)
+
+
+def _map_seeds(fn, count):
+    """fn(seed) for seeds [i, 17], i < count, run as one graph; NumPy results."""
+    seeds = tf.stack([tf.range(count), tf.fill([count], 17)], 1)
+    dataset = tf.data.Dataset.from_tensor_slices(seeds).map(fn).batch(count)
+    return tf.nest.map_structure(lambda t: t.numpy(), next(iter(dataset)))
+
+
+def test_inception_crop_windows_stay_in_range():
+    shape = tf.constant([100, 200, 3])
+    y, x, h, w = _map_seeds(
+        lambda seed: preprocessing.inception_crop_window(
+            shape, tf.zeros([1, 0, 4]), seed, 0.875
+        ),
+        200,
+    )
+    assert np.all((y >= 0) & (y + h <= 100) & (x >= 0) & (x + w <= 200))
+    areas, aspects = h * w / 20000, w / h
+    fallback = (h == 87) & (w == 87)  # Center crop of 0.875 * 100.
+    sampled = ~fallback
+    assert sampled.sum() > 150
+    assert np.all(areas[sampled] >= 0.08 - 0.01) and np.all(areas[sampled] <= 1.0)
+    # Integer rounding of h and w moves the aspect ratio a little.
+    assert np.all(aspects[sampled] >= 0.75 * 0.95)
+    assert np.all(aspects[sampled] <= 4 / 3 * 1.05)
+    # Within [3/4, 4/3] a 100x200 image allows areas up to 100*133/20000.
+    assert areas[sampled].min() < 0.2 and areas[sampled].max() > 0.4
+
+
+def test_inception_crop_windows_cover_the_box():
+    shape = tf.constant([100, 100, 3])
+    box = tf.constant([[[0.5, 0.5, 0.9, 0.9]]])  # ymin, xmin, ymax, xmax.
+    y, x, h, w = _map_seeds(
+        lambda seed: preprocessing.inception_crop_window(shape, box, seed, 0.875), 100
+    )
+    sampled = ~((h == 87) & (w == 87))  # The center-crop fallback ignores the box.
+    overlap_h = np.maximum(0, np.minimum(y + h, 90) - np.maximum(y, 50))
+    overlap_w = np.maximum(0, np.minimum(x + w, 90) - np.maximum(x, 50))
+    assert sampled.sum() > 50
+    assert np.all((overlap_h * overlap_w)[sampled] >= 0.1 * 40 * 40 - 1)
+
+
+def test_minimal_crop_windows():
+    shape = tf.constant([40, 56, 3])
+    y, x, h, w = _map_seeds(
+        lambda seed: preprocessing.minimal_crop_window(shape, seed), 50
+    )
+    assert np.all(h == 35) and np.all(w == 49)  # int(0.875 * side)
+    assert np.all((0 <= y) & (y <= 5) & (0 <= x) & (x <= 7))
+    assert len(set(zip(y, x, strict=True))) > 10
+
+
+def test_color_distortion_stays_in_unit_range():
+    image = tf.random.stateless_uniform([8, 8, 3], [1, 2])
+    out = _map_seeds(lambda seed: preprocessing.distort_color(image, seed), 30)
+    assert out.shape == (30, 8, 8, 3)
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert np.abs(out - image.numpy()).max() > 0.1  # It does change colours.
+
+
+def test_flip_mirrors_the_image():
+    # Columns increase left to right; a flip makes them decrease.
+    image = tf.constant(np.tile(np.arange(8, dtype=np.uint8) * 30, (8, 1))[..., None])
+
+    def augment(seed):
+        return preprocessing.preprocess_image(
+            image,
+            is_encoded=False,
+            image_size=8,
+            training=True,
+            augmentation="minimal",
+            seed=seed,
+            channels=1,
+            mean=(0.0,),
+            stddev=(1.0,),
+        )
+
+    out = _map_seeds(augment, 40)[..., 0]
+    direction = np.sign(out[:, 0, -1] - out[:, 0, 0])
+    assert np.all(direction != 0)
+    assert 5 < np.sum(direction < 0) < 35  # Both orientations, about half each.
+
+
+@pytest.fixture
+def bad_dir(tmp_path):
+    rng = np.random.default_rng(1)
+    good = [tf.io.encode_jpeg(_image(rng)).numpy() for _ in range(5)]
+    truncated = good[0][: len(good[0]) // 3]
+    records = [_example(jpeg, 1) for jpeg in good[:3]]
+    records += [_example(truncated, 1)] + [_example(jpeg, 2) for jpeg in good[3:]]
+    _write(str(tmp_path / "validation-00000-of-00001"), records)
+    return tmp_path
+
+
+def test_corrupt_record_is_skipped_and_counted(bad_dir):
+    input_fn = _input_fn(str(bad_dir), num_classes=2)
+    _, labels = _collect(input_fn())
+    assert len(labels) == 5
+    assert input_fn.skipped_records() == 1
+
+
+def test_corrupt_record_is_an_error_when_strict(bad_dir):
+    input_fn = _input_fn(str(bad_dir), num_classes=2, strict=True)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        _collect(input_fn())
+
+
+def test_label_out_of_range_names_the_file(bad_dir):
+    input_fn = _input_fn(str(bad_dir), num_classes=1)  # Stored label 2 is invalid.
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        _collect(input_fn())
+    assert "validation-00000-of-00001" in str(error.value)
+    assert "Label out of range" in str(error.value)
+
+
+def test_missing_dir_names_path_and_patterns(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere.*train-\\*-of-\\*"):
+        _input_fn(missing, split="train")()
+    with pytest.raises(FileNotFoundError, match="validation-\\*-of-\\*.*" + "tmp"):
+        _input_fn(str(tmp_path))()
+
+
+def test_synthetic_batches():
+    input_fn = data.make_input_fn(
+        source="synthetic",
+        split="train",
+        data_dir=None,
+        global_batch_size=8,
+        image_size=32,
+        dtype="bfloat16",
+        num_classes=10,
+        seed=0,
+    )
+    context = tf.distribute.InputContext(1, 0, 2)  # 2 replicas: 4 per replica.
+    first, second = list(input_fn(context).take(2))
+    assert first[0].shape == (4, 32, 32, 3) and first[0].dtype == tf.bfloat16
+    assert first[1].dtype == tf.int32
+    assert 0 <= int(tf.reduce_min(first[1])) and int(tf.reduce_max(first[1])) < 10
+    # One batch made once and repeated: constant cost per step.
+    np.testing.assert_array_equal(first[0].numpy(), second[0].numpy())
+    assert data.dataset_info("synthetic", None).num_classes == 1000
+
+
+# ----------------------------------------------------------------------------
+# IDX (MNIST format)
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def mnist_dir(tmp_path):
+    rng = np.random.default_rng(2)
+    arrays = {}
+    for split, (images_name, labels_name) in data.IDX_FILES.items():
+        count = 12 if split == "train" else 7
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, count, dtype=np.uint8)
+        _write_idx(tmp_path / images_name, images)
+        _write_idx(tmp_path / labels_name, labels)
+        arrays[split] = (images, labels)
+    return tmp_path, arrays
+
+
+def test_read_idx_returns_stored_array(mnist_dir):
+    path, arrays = mnist_dir
+    images = data.read_idx(str(path / "t10k-images-idx3-ubyte.gz"))
+    np.testing.assert_array_equal(images, arrays["validation"][0])
+    raw = path / "raw-labels-idx1-ubyte"  # Uncompressed files work too.
+    raw.write_bytes(gzip.decompress((path / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    np.testing.assert_array_equal(data.read_idx(str(raw)), arrays["validation"][1])
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+    bad = tmp_path / "bad-idx"
+    bad.write_bytes(b"\x01\x02\x08\x01\x00\x00\x00\x02ab")
+    with pytest.raises(ValueError, match="magic"):
+        data.read_idx(str(bad))
+    short = tmp_path / "short-idx"
+    short.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")
+    with pytest.raises(ValueError, match="5"):
+        data.read_idx(str(short))
+
+
+def test_mnist_pipeline_matches_numpy_reference(mnist_dir):
+    path, arrays = mnist_dir
+    input_fn = data.make_input_fn(
+        source="fashion_mnist",
+        split="validation",
+        data_dir=str(path),
+        global_batch_size=4,
+        image_size=28,
+        augmentation="none",
+        deterministic=True,
+    )
+    images, labels = _collect(input_fn())
+    expected_images, expected_labels = arrays["validation"]
+    mean, std = 0.2860 * 255, 0.3530 * 255
+    assert images.shape == (7, 28, 28, 1)
+    np.testing.assert_allclose(
+        images[..., 0], (expected_images.astype(np.float64) - mean) / std, atol=1e-4
+    )
+    np.testing.assert_array_equal(labels, expected_labels.astype(np.int32))
+    info = data.dataset_info("mnist", str(path))
+    assert (info.num_classes, info.channels) == (10, 1)
+
+
+def test_mnist_training_resizes_and_shards(mnist_dir):
+    path, arrays = mnist_dir
+    input_fn = data.make_input_fn(
+        source="mnist",
+        split="train",
+        data_dir=str(path),
+        global_batch_size=4,
+        image_size=32,
+        augmentation="minimal",
+        seed=0,
+        deterministic=True,
+    )
+    seen = []
+    for pipeline_id in range(2):
+        context = tf.distribute.InputContext(2, pipeline_id, 2)
+        images, labels = _collect(input_fn(context), max_batches=3)  # One epoch.
+        assert images.shape == (6, 32, 32, 1)
+        seen.append(sorted(labels.tolist()))
+    train_labels = arrays["train"][1]
+    assert seen == [sorted(train_labels[0::2]), sorted(train_labels[1::2])]
+
+
+def test_missing_idx_file_is_named(mnist_dir):
+    path, _ = mnist_dir
+    os.remove(path / "train-labels-idx1-ubyte.gz")
+    with pytest.raises(FileNotFoundError, match="train-labels-idx1-ubyte.gz"):
+        data.make_input_fn(
+            source="mnist",
+            split="train",
+            data_dir=str(path),
+            global_batch_size=4,
+            image_size=28,
+        )()
+
+
+# ----------------------------------------------------------------------------
+# TFDS
+
+
+@pytest.fixture
+def tfds_metadata_dir(tmp_path):
+    """TFDS metadata of a prepared 'mnist' (train 2 files, test 1), no data."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    builder = tfds.builder("mnist", data_dir=str(tmp_path))
+    builder.info.set_splits(
+        tfds.core.SplitDict(
+            [
+                tfds.core.SplitInfo(name="train", shard_lengths=[6, 6], num_bytes=0),
+                tfds.core.SplitInfo(name="test", shard_lengths=[5], num_bytes=0),
+            ]
+        )
+    )
+    os.makedirs(builder.data_dir)
+    builder.info.write_to_directory(builder.data_dir)
+    return str(tmp_path)
+
+
+def test_tfds_mock_data(tfds_metadata_dir):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(
+        num_examples=10,
+        policy=tfds.testing.MockPolicy.USE_FILES,
+        data_dir=tfds_metadata_dir,
+    ):
+        info = data.dataset_info("tfds", tfds_metadata_dir, "mnist")
+        input_fn = data.make_input_fn(
+            source="tfds",
+            tfds_name="mnist",
+            split="validation",  # MNIST's is called "test".
+            data_dir=tfds_metadata_dir,
+            global_batch_size=4,
+            image_size=32,
+            augmentation="none",
+        )
+        images, labels = _collect(input_fn())
+        train_fn = data.make_input_fn(
+            source="tfds",
+            tfds_name="mnist",
+            split="train",
+            data_dir=tfds_metadata_dir,
+            global_batch_size=4,
+            image_size=28,
+            augmentation="extended",
+            seed=0,
+        )
+        train_images, _ = next(iter(train_fn()))
+    assert info == data.DatasetInfo(10, 12, 5, 1)
+    assert images.shape == (10, 32, 32, 1) and images.dtype == np.float32
+    assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 10
+    assert train_images.shape == (4, 28, 28, 1)
+
+
+def test_tfds_unprepared_dataset_is_an_error(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(FileNotFoundError, match="not prepared.*never downloads"):
+        data.dataset_info("tfds", str(tmp_path), "mnist")
