@@ -1,0 +1,152 @@
+"""Tests of experiments/large_batch_study.py: one tiny real run, resumption, report."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from experiments import large_batch_study as study
+from train import data
+
+MNIST_DIR = os.path.join(data.shared_data_dir(), "mnist")
+
+
+def _summary(optimizer, batch, base_lr, seed, final, curve=None, diverged=False):
+    """A run summary as train_one writes it, with made-up accuracies."""
+    config = study.RunConfig(
+        part="mnist",
+        model="small_alexnet_bn",
+        optimizer=optimizer,
+        batch_size=batch,
+        base_lr=base_lr,
+        base_batch_size=128,
+        epochs=2,
+        warmup_epochs=1.0,
+        seed=seed,
+        model_params=10,
+    )
+    curve = curve or [final - 0.01, final]
+    return {
+        "run_id": config.run_id,
+        "config": dataclasses.asdict(config),
+        "peak_lr": base_lr * batch / 128,
+        "test_top1_per_epoch": curve,
+        "final_top1": final,
+        "best_top1": max(curve),
+        "diverged": diverged,
+        "wall_time_s": 1.0,
+    }
+
+
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(MNIST_DIR, "train-images-idx3-ubyte.gz")),
+    reason=f"MNIST IDX files not found in {MNIST_DIR} (set LARS_TF_DATA_DIR)",
+)
+def test_tiny_run_writes_its_summary_and_a_rerun_skips_it(tmp_path, monkeypatch):
+    config = study.RunConfig(
+        part="mnist",
+        model="small_alexnet_bn",
+        optimizer="lars",
+        batch_size=64,
+        base_lr=1.0,
+        base_batch_size=128,
+        epochs=2,
+        warmup_epochs=0.5,
+        seed=0,
+        train_examples=128,
+        eval_examples=100,
+    )
+    assert study.run_if_missing(config, str(tmp_path), MNIST_DIR)
+
+    path = tmp_path / "runs" / f"{config.run_id}.json"
+    summary = json.loads(path.read_text())
+    assert summary["config"] == dataclasses.asdict(config)
+    assert summary["steps_per_epoch"] == 2  # 128 examples // batch 64
+    assert summary["train_steps"] == 4
+    assert summary["peak_lr"] == pytest.approx(0.5)  # 1.0 * 64 / 128
+    assert len(summary["test_top1_per_epoch"]) == 2
+    assert summary["final_top1"] == summary["test_top1_per_epoch"][-1]
+    assert 0.0 <= summary["final_top1"] <= summary["best_top1"] <= 1.0
+    assert isinstance(summary["diverged"], bool)
+    assert summary["wall_time_s"] > 0
+
+    def must_not_train(*args):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(study, "train_one", must_not_train)
+    assert not study.run_if_missing(config, str(tmp_path), MNIST_DIR)
+    assert [s["run_id"] for s in study.load_summaries(str(tmp_path))] == [config.run_id]
+
+
+def test_repeats_use_sgd_and_the_best_lars_rate_at_both_ends():
+    grid = study.grid_configs(
+        part="mnist",
+        model="small_alexnet_bn",
+        batch_sizes=[128, 512, 4096],
+        base_batch_size=128,
+        epochs=2,
+        warmup_epochs=1.0,
+        sgd_base_lr=0.05,
+        lars_base_lrs=[0.5, 2.0],
+        seed=0,
+        model_params=10,
+    )
+    assert len(grid) == 9  # 3 batches x (1 SGD + 2 LARS rates)
+    summaries = [
+        _summary("lars", 128, 0.5, 0, 0.97),
+        _summary("lars", 128, 2.0, 0, 0.99),
+        _summary("lars", 4096, 0.5, 0, 0.95),
+        _summary("lars", 4096, 2.0, 0, 0.90),
+    ]
+    repeats = study.repeat_configs(grid, summaries, [1, 2])
+    picked = sorted((c.seed, c.batch_size, c.optimizer, c.base_lr) for c in repeats)
+    assert picked == [
+        (1, 128, "lars", 2.0),
+        (1, 128, "sgd", 0.05),
+        (1, 4096, "lars", 0.5),
+        (1, 4096, "sgd", 0.05),
+        (2, 128, "lars", 2.0),
+        (2, 128, "sgd", 0.05),
+        (2, 4096, "lars", 0.5),
+        (2, 4096, "sgd", 0.05),
+    ]
+
+
+def test_summary_table_reports_mean_and_sample_std_over_seeds():
+    summaries = [
+        _summary("sgd", 128, 0.05, 0, 0.99),
+        _summary("sgd", 128, 0.05, 1, 0.98),
+        _summary("sgd", 128, 0.05, 2, 0.97),
+        _summary("lars", 128, 1.0, 0, 0.985),
+        _summary("lars", 128, 4.0, 0, 0.95),  # Worse rate: not the pick.
+        _summary("sgd", 4096, 0.05, 0, 0.10, diverged=True),
+    ]
+    table = study.summary_table(summaries, seed=0).splitlines()
+    # SGD at 128: mean 98.00, sample std sqrt(((1)^2 + 0 + (1)^2) / 2) = 1.00 points.
+    assert table[2] == "| 128 | 0.05 | 98.00 ± 1.00 | 1 | 98.50 | 3/1 |"
+    assert table[3] == "| 4096 | 0.05 | 10.00 (diverged) | — | — | 1/0 |"
+    rows = study.runs_table(summaries).splitlines()
+    assert len(rows) == 2 + len(summaries)
+    assert rows[2].startswith("| 128 | SGD | 0.05 | 0.05 | 1 | 0 | 99.00 | 99.00 |")
+
+
+def test_report_writes_markdown_and_two_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = tmp_path / "study" / "runs"
+    runs.mkdir(parents=True)
+    for summary in [
+        _summary("sgd", 128, 0.05, 0, 0.99),
+        _summary("lars", 128, 1.0, 0, 0.985),
+        _summary("sgd", 4096, 0.05, 0, 0.60),
+        _summary("lars", 4096, 1.0, 0, 0.98),
+    ]:
+        (runs / f"{summary['run_id']}.json").write_text(json.dumps(summary))
+    report_dir = tmp_path / "results"
+    markdown = study.write_report(
+        str(tmp_path / "study"), str(report_dir), "mnist", seed=0
+    )
+    assert "| 4096 | 0.05 | 60.00 | 1 | 98.00 | 1/1 |" in markdown
+    assert (report_dir / "mnist.md").read_text() == markdown + "\n"
+    for name in ("mnist_accuracy_vs_batch.png", "mnist_largest_batch_curves.png"):
+        assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
