@@ -70,6 +70,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 from absl import logging
+from tensorflow.python.ops import resource_variable_ops
 
 from train import preprocessing
 
@@ -437,10 +438,15 @@ class InputFn:
         self._kept = None
 
     def skipped_records(self) -> int:
-        """Records read so far whose image failed to decode and were dropped."""
+        """Records read so far whose image failed to decode and were dropped.
+
+        Exact when the pipelines are idle or exhausted; while they run it also
+        counts the records in the middle of being decoded.
+        """
         if self._read is None:
             return 0
-        return int(self._read.numpy() - self._kept.numpy())
+        kept = self._kept.numpy()  # First: `read` is never behind it.
+        return int(self._read.numpy() - kept)
 
     def __call__(
         self, input_context: tf.distribute.InputContext | None = None
@@ -506,31 +512,37 @@ class InputFn:
         read, kept = self._read, self._kept
 
         def preprocess(example, example_seed):
-            # Count before decoding: a record that fails to decode is counted
-            # here but not in check_label.
-            counted = [] if c["strict"] else [read.assign_add(1)]
-            with tf.control_dependencies(counted):
-                image = preprocessing.preprocess_image(
-                    tf.identity(example["image"]),
-                    is_encoded=is_encoded,
-                    image_size=c["image_size"],
-                    training=training,
-                    augmentation=c["augmentation"],
-                    bbox=example["bbox"],
-                    seed=example_seed,
-                    channels=channels,
-                    crop_fraction=crop_fraction,
-                    mean=mean,
-                    stddev=stddev,
-                    dtype=c["dtype"],
-                )
+            image = preprocessing.preprocess_image(
+                example["image"],
+                is_encoded=is_encoded,
+                image_size=c["image_size"],
+                training=training,
+                augmentation=c["augmentation"],
+                bbox=example["bbox"],
+                seed=example_seed,
+                channels=channels,
+                crop_fraction=crop_fraction,
+                mean=mean,
+                stddev=stddev,
+                dtype=c["dtype"],
+            )
             return image, example["label"], example["source"]
+
+        def counted_preprocess(example, example_seed):
+            # `read` counts every record before decoding, `kept` only those whose
+            # decoding succeeded: the difference is the records skipped.
+            with tf.control_dependencies([read.assign_add(1)]):
+                image, label, source = preprocess(
+                    tf.nest.map_structure(tf.identity, example), example_seed
+                )
+            with tf.control_dependencies([image]):  # Only after a decode.
+                decoded = kept.assign_add(1, read_value=False)
+            with tf.control_dependencies([decoded]):
+                return tf.identity(image), label, source
 
         low, high = c["label_offset"], c["label_offset"] + c["num_classes"]
 
         def check_label(image, label, source):
-            if not c["strict"]:
-                kept.assign_add(1)
             in_range = tf.logical_and(label >= low, label < high)
             assertion = tf.debugging.Assert(
                 in_range,
@@ -547,7 +559,7 @@ class InputFn:
                 return image, tf.cast(label - low, tf.int32)
 
         examples = examples.map(
-            preprocess,
+            preprocess if c["strict"] else counted_preprocess,
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=c["deterministic"],
         )
@@ -562,10 +574,17 @@ class InputFn:
         return batches.with_options(options)
 
     def _make_counters(self) -> None:
+        # Plain host variables even under a strategy's scope: constructing
+        # ResourceVariable directly skips the variable creators through which
+        # a strategy would make mirrored copies (whose counts would be wrong).
         if self._read is None:
-            with tf.init_scope():
-                self._read = tf.Variable(0, dtype=tf.int64, trainable=False)
-                self._kept = tf.Variable(0, dtype=tf.int64, trainable=False)
+            with tf.init_scope(), tf.device("/cpu:0"):
+                self._read = resource_variable_ops.ResourceVariable(
+                    0, dtype=tf.int64, trainable=False
+                )
+                self._kept = resource_variable_ops.ResourceVariable(
+                    0, dtype=tf.int64, trainable=False
+                )
 
     def _synthetic(self, batch_size: int, seed: int | None) -> tf.data.Dataset:
         c = self._config
