@@ -53,9 +53,9 @@ class PartSettings:
     """The defaults of one part of the study (each can be overridden by a flag)."""
 
     source: str  # train.data source name
-    data_subdir: str  # under --data_dir
     image_size: int
     augmentation: str
+    base_batch_size: int  # The batch the base rates refer to.
     batch_sizes: tuple[int, ...]
     epochs: int
     warmup_epochs: float
@@ -67,9 +67,9 @@ class PartSettings:
 PART_SETTINGS = {
     "mnist": PartSettings(
         source="mnist",
-        data_subdir="mnist",
         image_size=28,
         augmentation="none",
+        base_batch_size=128,
         batch_sizes=(128, 512, 2048, 4096, 8192),
         epochs=3,
         warmup_epochs=1.0,
@@ -77,20 +77,30 @@ PART_SETTINGS = {
         lars_base_lrs=(0.25, 1.0, 4.0),
         repeat_seeds=(1, 2),
     ),
-    # TFRecords written by train.convert_images from imagenette2-224 (--labels=dense).
+    # 9,469 training images: batch 2048 is 4 steps an epoch, 32x the base.
     "imagenette": PartSettings(
         source="imagenet",
-        data_subdir="imagenette2-224-records",
         image_size=64,
         augmentation="minimal",
-        batch_sizes=(128, 4096),
+        base_batch_size=64,
+        batch_sizes=(64, 2048),
         epochs=10,
         warmup_epochs=2.0,
-        sgd_base_lr=0.05,
-        lars_base_lrs=(0.5, 1.0, 2.0),
+        sgd_base_lr=0.025,
+        lars_base_lrs=(0.125, 0.5, 2.0),
         repeat_seeds=(),
     ),
 }
+
+
+def default_part_data_dir(part: str, shared_data_dir: str) -> str:
+    """MNIST's IDX files in the shared data folder; for Imagenette, the TFRecords
+    that ``train.convert_images`` writes into the git-ignored ``runs/`` (STUDY.md
+    has the command)."""
+    if part == "mnist":
+        return os.path.join(shared_data_dir, "mnist")
+    return os.path.join(REPO_ROOT, "runs", "imagenette_records")
+
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("part", "mnist", PARTS, "Which part of the study to run.")
@@ -102,18 +112,19 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "data_dir",
     None,
-    "Folder holding mnist/ (and the Imagenette TFRecords); default "
-    "$LARS_TF_DATA_DIR, else ../shared/data.",
+    "Folder holding mnist/; default $LARS_TF_DATA_DIR, else ../shared/data.",
 )
 flags.DEFINE_string(
     "part_data_dir",
     None,
-    "The part's own data folder; default <data_dir>/mnist or "
-    "<data_dir>/imagenette2-224-records.",
+    "The part's own data folder; default <data_dir>/mnist, or "
+    "runs/imagenette_records for Imagenette.",
 )
 flags.DEFINE_string("model", "small_alexnet_bn", "train.models model name.")
 flags.DEFINE_list("batch_sizes", None, "Batch sizes; default per part.")
-flags.DEFINE_integer("base_batch_size", 128, "Batch the base rates refer to.")
+flags.DEFINE_integer(
+    "base_batch_size", None, "Batch the base rates refer to; default per part."
+)
 flags.DEFINE_integer("epochs", None, "Epochs of every run; default per part.")
 flags.DEFINE_float("warmup_epochs", None, "Linear warm-up; default per part.")
 flags.DEFINE_float("sgd_base_lr", None, "SGD rate at the base batch.")
@@ -636,14 +647,14 @@ def main(argv: list[str]) -> None:
         return
     from train import data
 
-    data_dir = FLAGS.part_data_dir or os.path.join(
-        FLAGS.data_dir or data.shared_data_dir(), settings.data_subdir
+    data_dir = FLAGS.part_data_dir or default_part_data_dir(
+        FLAGS.part, FLAGS.data_dir or data.shared_data_dir()
     )
     grid = grid_configs(
         part=FLAGS.part,
         model=FLAGS.model,
         batch_sizes=_part_value("batch_sizes", settings, int),
-        base_batch_size=FLAGS.base_batch_size,
+        base_batch_size=_part_value("base_batch_size", settings),
         epochs=_part_value("epochs", settings),
         warmup_epochs=_part_value("warmup_epochs", settings),
         sgd_base_lr=_part_value("sgd_base_lr", settings),
