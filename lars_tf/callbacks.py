@@ -360,9 +360,10 @@ class TrustRatioMonitor(_StepCounter):
         probe_batch: ``(x, y)`` on which gradients are taken; keep it the size
             of a training batch for a faithful ||g||.
         every_n_steps: Measure after every this many training steps.
-        loss_fn: ``loss_fn(y_true, y_pred) -> scalar``; defaults to the loss
-            the model was compiled with. Losses added by layers (regularizers)
-            are added to it.
+        loss_fn: ``loss_fn(y_true, y_pred)``, averaged over the batch if it
+            returns per-example values; defaults to the loss the model was
+            compiled with (one loss, not a dict or list of them). Losses added
+            by layers (regularizers) are added to it.
         log_dir: If given, writes TensorBoard scalars per variable
             (``trust_ratio/weight_norm/<name>``, ``.../gradient_norm/<name>``,
             ``.../ratio/<name>``, ``.../effective_learning_rate/<name>``) and
@@ -501,7 +502,9 @@ class TrustRatioMonitor(_StepCounter):
             y_pred, _, layer_losses = model.stateless_call(
                 weights, state, x, training=True, return_losses=True
             )
-            loss = loss_fn(y, y_pred)
+            # A loss given by name (e.g. "mse") returns per-example values;
+            # training minimizes their mean.
+            loss = tf.reduce_mean(loss_fn(y, y_pred))
             if layer_losses:
                 loss += tf.add_n(layer_losses)
         gradients = tape.gradient(loss, weights)

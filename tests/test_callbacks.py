@@ -151,12 +151,12 @@ def _probe_batch():
     return x, y
 
 
-def _reference_norms(model, x, y):
+def _reference_norms(model, x, y, loss_fn=None):
     """||w|| in float64 NumPy, ||g|| of a GradientTape gradient on the model itself."""
     weight_norms = [
         np.linalg.norm(v.numpy().astype(np.float64)) for v in model.trainable_variables
     ]
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    loss_fn = loss_fn or keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     with tf.GradientTape() as tape:
         loss = loss_fn(y, model(x, training=True))
     gradients = tape.gradient(loss, model.trainable_variables)
@@ -201,6 +201,20 @@ def test_monitor_matches_independent_norms_and_lars_rates(clip):
     expected = np.where(adapted, local, learning_rate)
     np.testing.assert_allclose(
         [r.effective_learning_rate for r in stats], expected, rtol=1e-4
+    )
+
+
+def test_monitor_averages_a_loss_given_by_name():
+    model = _conv_bn_model(lars_tf.LARS(1.0))
+    model.compile(optimizer=model.optimizer, loss="mean_squared_error")
+    x, labels = _probe_batch()
+    y = np.eye(3, dtype=np.float32)[labels]
+    monitor = TrustRatioMonitor((x, y))
+    monitor.set_model(model)
+    stats = monitor.measure()
+    _, gradient_norms = _reference_norms(model, x, y, keras.losses.MeanSquaredError())
+    np.testing.assert_allclose(
+        [r.gradient_norm for r in stats], gradient_norms, rtol=1e-4
     )
 
 
