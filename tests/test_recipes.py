@@ -1,0 +1,102 @@
+"""The ImageNet-scale recipes in experiments/recipes/ parse and build their model
+and optimizer (no training).
+
+The expected values are the recipes' intent, typed in by hand from their header
+comments (batch, model, rate, warm-up, exclusions), not read from the files.
+"""
+
+import glob
+import os
+
+import keras
+import pytest
+from absl import flags
+
+import lars_tf
+from train import data, main, models, optimizers, trainer
+
+RECIPES_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "experiments",
+    "recipes",
+)
+# name: (model, batch, epochs, peak rate, warm-up epochs, weight decay,
+#        bias/BN excluded, label smoothing)
+EXPECTED = {
+    "alexnet_bn_8k": ("alexnet_bn", 8192, 100, 14.0, 2.0, 5e-4, False, 0.0),
+    "alexnet_bn_16k": ("alexnet_bn", 16384, 100, 23.0, 5.0, 5e-4, False, 0.0),
+    "alexnet_bn_32k": ("alexnet_bn", 32768, 100, 22.0, 5.0, 5e-4, False, 0.0),
+    "resnet50_8k": ("resnet50", 8192, 90, 10.0, 5.0, 1e-4, False, 0.0),
+    "resnet50_16k": ("resnet50", 16384, 90, 25.0, 5.0, 1e-4, False, 0.0),
+    "resnet50_32k": ("resnet50", 32768, 90, 32.0, 14.0, 1e-4, False, 0.0),
+    "googlenet_8k": ("googlenet", 8192, 90, 10.0, 5.0, 2e-4, False, 0.0),
+    "mlperf_resnet50_lars": ("resnet50", 32768, 90, 32.0, 14.0, 1e-4, True, 0.1),
+}
+IMAGENET = data.DatasetInfo(
+    num_classes=1000,
+    num_train_examples=data.IMAGENET_TRAIN_EXAMPLES,
+    num_eval_examples=data.IMAGENET_EVAL_EXAMPLES,
+    channels=3,
+)
+_MODELS = {}  # One build per architecture keeps the test at a few seconds each.
+
+
+def _parse(name: str, data_dir: str) -> flags.FlagValues:
+    flag_values = flags.FlagValues()
+    main.define_flags(flag_values)
+    path = os.path.join(RECIPES_DIR, f"{name}.flags")
+    flag_values(["train.main", f"--flagfile={path}", f"--data_dir={data_dir}"])
+    main.validate_flags(flag_values)
+    return flag_values
+
+
+def _model(name: str) -> keras.Model:
+    if name not in _MODELS:
+        _MODELS[name] = models.build_model(name, 1000, 224, 3)
+    return _MODELS[name]
+
+
+def test_every_recipe_file_is_covered():
+    found = sorted(
+        os.path.basename(path)[: -len(".flags")]
+        for path in glob.glob(os.path.join(RECIPES_DIR, "*.flags"))
+    )
+    assert found == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_recipe_parses_and_builds_model_and_optimizer(name, tmp_path):
+    model_name, batch, epochs, peak, warmup, decay, excluded, smoothing = EXPECTED[name]
+    f = _parse(name, str(tmp_path))
+    assert (f.model, f.global_batch_size, f.train_epochs) == (model_name, batch, epochs)
+    assert (f.source, f.optimizer, f.lr_schedule, f.poly_power) == (
+        "imagenet",
+        "lars",
+        "poly",
+        2.0,
+    )
+    assert f.label_smoothing == smoothing
+    assert f.exclude_bias_and_norm is excluded
+
+    schedule = trainer.make_schedule(f, IMAGENET)
+    steps_per_epoch = data.IMAGENET_TRAIN_EXAMPLES // batch
+    assert schedule.steps_per_epoch == steps_per_epoch
+    assert schedule.warmup_steps == round(warmup * steps_per_epoch)
+    learning_rate = optimizers.learning_rate_schedule(
+        f, schedule.steps_per_epoch, schedule.train_steps
+    )
+    assert float(learning_rate(0)) == 0.0
+    assert float(learning_rate(schedule.warmup_steps)) == pytest.approx(peak)
+    assert float(learning_rate(schedule.train_steps)) == pytest.approx(
+        f.end_learning_rate
+    )
+
+    model = _model(model_name)
+    optimizer = optimizers.build_optimizer(f, learning_rate, model)
+    assert isinstance(optimizer, lars_tf.LARS)
+    assert optimizer.coupled_weight_decay == pytest.approx(decay)
+    assert optimizer.trust_coefficient == pytest.approx(0.001)
+    assert optimizer.momentum == pytest.approx(0.9)
+    exclusion = optimizer.exclude_from_adaptation
+    assert (exclusion is lars_tf.exclude_bias_and_norm) is excluded
+    assert len(optimizer.momentums) == len(model.trainable_variables)
