@@ -402,8 +402,11 @@ def small_alexnet_bn(
     and downscaled Imagenette (64x64x3): conv1 5x5x32, conv2 3x3x64, conv3 3x3x64,
     each conv -> BN -> ReLU -> 3x3/2 max-pool, then fc4 (256) -> BN -> ReLU, fc5.
 
-    One MNIST epoch (60k images) at batch 4096 takes ~24 s of CPU time, ~12 s of
-    wall time on an idle 2-core CPU (measurement details in BENCHMARKS.md).
+    289,626 parameters at 10 classes on 28x28x1. One MNIST-sized epoch (60k
+    images, batch 4096, ``model.fit``) took 22.7 s of process CPU time on this
+    2-core CPU (no BN: 11.4 s), i.e. ~11 s of wall time when both cores are free;
+    measured wall time was 122 s under load from other processes (load average
+    ~10-15). ``benchmarks/small_alexnet_epoch.py``, results in BENCHMARKS.md.
     """
     return _small_alexnet(
         num_classes, image_size, channels, batch_norm=True, name="small_alexnet_bn"
