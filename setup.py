@@ -40,6 +40,9 @@ setup(
         "keras>=3",
         "tensorflow-datasets",
         "absl-py",
+        # tf.summary (the app's and TrustRatioMonitor's TensorBoard logs) lives
+        # in this package; TF 2.21's wheels no longer pull it in.
+        "tensorboard",
     ],
     extras_require={
         "test": ["pytest", "ruff"],
