@@ -214,6 +214,14 @@ def test_custom_layers_survive_save_and_reload(tmp_path):
     )
 
 
+@pytest.mark.parametrize("name", ["alexnet", "alexnet_bn"])
+def test_alexnet_rejects_too_small_images(name):
+    # 62: conv1 (pad 2, 11x11/4) -> 14, pools -> 6 -> 2: too small for pool5.
+    models.build_model(name, 2, 63)
+    with pytest.raises(ValueError, match="image_size >= 63"):
+        models.build_model(name, 2, 62)
+
+
 def test_unknown_name_raises_value_error_listing_names():
     with pytest.raises(ValueError, match="vgg16") as error:
         models.build_model("vgg16", 10, 32)

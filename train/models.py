@@ -143,6 +143,8 @@ def _logits(x, num_classes: int, *, name: str, kernel_initializer="glorot_unifor
 
 def _alexnet(num_classes, image_size, channels, *, batch_norm: bool, name: str):
     """Shared AlexNet body; ``batch_norm`` swaps LRN for BN after every conv/fc."""
+    if image_size < 63:  # conv1 and three 3x3/2 max-pools: 63 -> 15 -> 7 -> 3 -> 1
+        raise ValueError(f"{name} needs image_size >= 63, got {image_size}")
     inputs = keras.Input((image_size, image_size, channels), name="images")
 
     def conv_block(x, index, filters, kernel_size, strides=1, groups=1):
