@@ -41,7 +41,7 @@ from collections.abc import Iterable, Sequence
 from absl import app, flags, logging
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ("mnist", "imagenette")
+PARTS = ("mnist", "imagenette", "tfds_mnist", "tfds_fashion_mnist", "tfds_cifar10")
 OPTIMIZERS = ("sgd", "lars")
 EVAL_BATCH_SIZE = 1000
 # A run whose final test top-1 is at most this multiple of chance learned nothing.
@@ -53,6 +53,7 @@ class PartSettings:
     """The defaults of one part of the study (each can be overridden by a flag)."""
 
     source: str  # train.data source name
+    tfds_name: str | None  # For source "tfds".
     image_size: int
     augmentation: str
     base_batch_size: int  # The batch the base rates refer to.
@@ -67,6 +68,7 @@ class PartSettings:
 PART_SETTINGS = {
     "mnist": PartSettings(
         source="mnist",
+        tfds_name=None,
         image_size=28,
         augmentation="none",
         base_batch_size=128,
@@ -80,6 +82,7 @@ PART_SETTINGS = {
     # 9,469 training images: batch 2048 is 4 steps an epoch, 32x the base.
     "imagenette": PartSettings(
         source="imagenet",
+        tfds_name=None,
         image_size=64,
         augmentation="minimal",
         base_batch_size=64,
@@ -91,15 +94,28 @@ PART_SETTINGS = {
         repeat_seeds=(),
     ),
 }
+# For machines where TFDS can download: the MNIST grid on TFDS's copy of MNIST,
+# Fashion-MNIST or CIFAR-10 (prepared beforehand; the input pipeline never
+# downloads). CIFAR-10 gets 32x32 images and the minimal augmentation.
+for _name in ("mnist", "fashion_mnist", "cifar10"):
+    PART_SETTINGS[f"tfds_{_name}"] = dataclasses.replace(
+        PART_SETTINGS["mnist"],
+        source="tfds",
+        tfds_name=_name,
+        image_size=32 if _name == "cifar10" else 28,
+        augmentation="minimal" if _name == "cifar10" else "none",
+    )
 
 
-def default_part_data_dir(part: str, shared_data_dir: str) -> str:
+def default_part_data_dir(part: str, shared_data_dir: str) -> str | None:
     """MNIST's IDX files in the shared data folder; for Imagenette, the TFRecords
     that ``train.convert_images`` writes into the git-ignored ``runs/`` (STUDY.md
-    has the command)."""
+    has the command); None (TFDS's default folder) for the TFDS parts."""
     if part == "mnist":
         return os.path.join(shared_data_dir, "mnist")
-    return os.path.join(REPO_ROOT, "runs", "imagenette_records")
+    if part == "imagenette":
+        return os.path.join(REPO_ROOT, "runs", "imagenette_records")
+    return None  # TFDS's own default data dir.
 
 
 FLAGS = flags.FLAGS
@@ -117,8 +133,8 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "part_data_dir",
     None,
-    "The part's own data folder; default <data_dir>/mnist, or "
-    "runs/imagenette_records for Imagenette.",
+    "The part's own data folder; default <data_dir>/mnist, "
+    "runs/imagenette_records for Imagenette, TFDS's data dir for tfds_*.",
 )
 flags.DEFINE_string("model", "small_alexnet_bn", "train.models model name.")
 flags.DEFINE_list("batch_sizes", None, "Batch sizes; default per part.")
@@ -199,6 +215,16 @@ def run_path(output_dir: str, config: RunConfig) -> str:
     return os.path.join(output_dir, "runs", f"{config.run_id}.json")
 
 
+def config_of(summary: dict) -> RunConfig:
+    """The RunConfig of a summary; fields added since it was written get their
+    defaults, so old JSONs stay comparable."""
+    return RunConfig(**summary["config"])
+
+
+def _without_seed(summary: dict) -> RunConfig:
+    return dataclasses.replace(config_of(summary), seed=0)
+
+
 def load_summaries(output_dir: str) -> list[dict]:
     """Every finished run's summary under ``output_dir/runs``, sorted by run id."""
     runs_dir = os.path.join(output_dir, "runs")
@@ -216,7 +242,7 @@ def load_summaries(output_dir: str) -> list[dict]:
 # Training one run
 
 
-def train_one(config: RunConfig, data_dir: str) -> dict:
+def train_one(config: RunConfig, data_dir: str | None) -> dict:
     """Trains one configuration and returns its summary (see the module doc)."""
     import keras
 
@@ -226,7 +252,7 @@ def train_one(config: RunConfig, data_dir: str) -> dict:
     settings = PART_SETTINGS[config.part]
     keras.backend.clear_session()
     keras.utils.set_random_seed(config.seed)
-    info = data.dataset_info(settings.source, data_dir)
+    info = data.dataset_info(settings.source, data_dir, settings.tfds_name)
     train_examples = config.train_examples or info.num_train_examples
     steps_per_epoch = train_examples // config.batch_size
     if steps_per_epoch < 1:
@@ -236,6 +262,7 @@ def train_one(config: RunConfig, data_dir: str) -> dict:
         )
     common = dict(
         source=settings.source,
+        tfds_name=settings.tfds_name,
         data_dir=data_dir,
         image_size=settings.image_size,
         augmentation=settings.augmentation,
@@ -324,7 +351,7 @@ def train_one(config: RunConfig, data_dir: str) -> dict:
     }
 
 
-def run_if_missing(config: RunConfig, output_dir: str, data_dir: str) -> bool:
+def run_if_missing(config: RunConfig, output_dir: str, data_dir: str | None) -> bool:
     """Trains ``config`` unless its JSON exists; True when it trained."""
     path = run_path(output_dir, config)
     if os.path.exists(path):
@@ -395,7 +422,7 @@ def best_lars_lr(summaries: Iterable[dict], config: RunConfig) -> float | None:
         s
         for s in summaries
         if s["config"]["optimizer"] == "lars"
-        and {**s["config"], "base_lr": config.base_lr} == dataclasses.asdict(config)
+        and dataclasses.replace(config_of(s), base_lr=config.base_lr) == config
     ]
     if not candidates:
         return None
@@ -478,10 +505,8 @@ def seed_statistics(summaries: Sequence[dict], chosen: dict) -> dict:
     of every run that differs from ``chosen[key]`` only in its seed."""
     stats = {}
     for key, pick in chosen.items():
-        same = {**pick["config"], "seed": None}
-        finals = [
-            s["final_top1"] for s in summaries if {**s["config"], "seed": None} == same
-        ]
+        same = _without_seed(pick)
+        finals = [s["final_top1"] for s in summaries if _without_seed(s) == same]
         mean, spread = mean_and_spread(finals)
         stats[key] = (mean, spread, len(finals))
     return stats
@@ -559,7 +584,7 @@ def plot_accuracy_vs_epoch(summaries: Sequence[dict], seed: int, path: str) -> N
             continue
         pick = chosen[(largest, optimizer)]["config"]
         for s in summaries:
-            if {**s["config"], "seed": None} != {**pick, "seed": None}:
+            if _without_seed(s) != _without_seed(chosen[(largest, optimizer)]):
                 continue
             curve = [100 * x for x in s["test_top1_per_epoch"]]
             ax.plot(
@@ -620,14 +645,14 @@ def _part_value(name: str, settings: PartSettings, convert=None):
     return value
 
 
-def count_trainable_params(model_name: str, part: str, data_dir: str) -> int:
+def count_trainable_params(model_name: str, part: str, data_dir: str | None) -> int:
     """Trainable parameters of ``model_name`` built for ``part``'s images."""
     import keras
 
     from train import data, models
 
     settings = PART_SETTINGS[part]
-    info = data.dataset_info(settings.source, data_dir)
+    info = data.dataset_info(settings.source, data_dir, settings.tfds_name)
     model = models.build_model(
         model_name, info.num_classes, settings.image_size, info.channels
     )

@@ -79,6 +79,49 @@ def test_tiny_run_writes_its_summary_and_a_rerun_skips_it(tmp_path, monkeypatch)
     assert [s["run_id"] for s in study.load_summaries(str(tmp_path))] == [config.run_id]
 
 
+@pytest.fixture
+def tfds_mnist_metadata_dir(tmp_path):
+    """TFDS metadata of a prepared 'mnist' (12 train, 8 test examples), no data;
+    as in tests/test_data.py."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    builder = tfds.builder("mnist", data_dir=str(tmp_path))
+    builder.info.set_splits(
+        tfds.core.SplitDict(
+            [
+                tfds.core.SplitInfo(name="train", shard_lengths=[6, 6], num_bytes=0),
+                tfds.core.SplitInfo(name="test", shard_lengths=[8], num_bytes=0),
+            ]
+        )
+    )
+    os.makedirs(builder.data_dir)
+    builder.info.write_to_directory(builder.data_dir)
+    return str(tmp_path)
+
+
+def test_tfds_part_trains_on_mock_mnist(tfds_mnist_metadata_dir, tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = study.RunConfig(
+        part="tfds_mnist",
+        model="small_alexnet_bn",
+        optimizer="sgd",
+        batch_size=4,
+        base_lr=0.05,
+        base_batch_size=128,
+        epochs=1,
+        warmup_epochs=0.5,
+        seed=0,
+    )
+    with tfds.testing.mock_data(
+        policy=tfds.testing.MockPolicy.USE_FILES, data_dir=tfds_mnist_metadata_dir
+    ):
+        assert study.run_if_missing(config, str(tmp_path), tfds_mnist_metadata_dir)
+    summary = study.load_summaries(str(tmp_path))[0]
+    assert summary["run_id"].startswith("tfds_mnist_small_alexnet_bn_sgd_b4_")
+    assert summary["steps_per_epoch"] == 3  # 12 mock examples // batch 4
+    assert len(summary["test_top1_per_epoch"]) == 1
+
+
 def test_repeats_use_sgd_and_the_best_lars_rate_at_both_ends():
     grid = study.grid_configs(
         part="mnist",
