@@ -559,6 +559,17 @@ def plot_accuracy_vs_batch(summaries: Sequence[dict], seed: int, path: str) -> N
         spreads = [100 * stats[(b, optimizer)][1] for b in batches]
         ax.errorbar(batches, means, yerr=spreads, marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
+    all_batches = sorted({b for b, _ in stats})
+    ax.set_xticks(all_batches, [str(b) for b in all_batches])
+    ax.minorticks_off()
+    base_sgd = (min(all_batches), "sgd")
+    if base_sgd in stats:  # The claim: within 1 point of the base batch.
+        ax.axhline(
+            100 * stats[base_sgd][0] - 1.0,
+            color="gray",
+            linestyle="--",
+            label="base-batch SGD - 1 point",
+        )
     ax.set_xlabel("batch size")
     ax.set_ylabel("final test top-1 (%)")
     part = summaries[0]["config"]["part"] if summaries else ""
@@ -597,6 +608,8 @@ def plot_accuracy_vs_epoch(summaries: Sequence[dict], seed: int, path: str) -> N
                 if s["config"]["seed"] == seed
                 else None,
             )
+    epochs = chosen[(largest, "sgd" if (largest, "sgd") in chosen else "lars")]
+    ax.set_xticks(range(1, epochs["config"]["epochs"] + 1))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(f"batch {largest}: test accuracy per epoch (faint: other seeds)")
