@@ -171,6 +171,7 @@ def run(
         learning rate; `on_epoch_end` logs add `val_*` after an evaluation).
     """
     wall_start = time.time()
+    preemption = PreemptionFlag()  # From now on SIGTERM means "save and exit".
     strategy = make_strategy(f)  # First: it fixes the devices.
     replicas = strategy.num_replicas_in_sync
     if f.global_batch_size % replicas:
@@ -260,7 +261,6 @@ def run(
         for name in ("train", "eval")
     }
     callback_list = keras.callbacks.CallbackList(list(callbacks), model=model)
-    preemption = PreemptionFlag()
     train_logs: dict[str, float] = {}
     eval_logs: dict[str, float] = {}
     images_trained, train_seconds = 0, 0.0
@@ -418,8 +418,7 @@ def _make_step_functions(
         steps = tf.cast(num_steps, tf.float32)
         return loss_sum / steps, correct_sum / (steps * global_batch)
 
-    def eval_step(batch):
-        images, labels = batch
+    def eval_sums(images, labels):
         logits = tf.cast(model(images, training=False), tf.float32)
         top1 = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
         topk = tf.math.in_top_k(labels, logits, top_k)
@@ -430,6 +429,16 @@ def _make_step_functions(
                 tf.reduce_sum(tf.cast(topk, tf.float32)),
                 tf.cast(tf.shape(labels)[0], tf.float32),
             ]
+        )
+
+    def eval_step(batch):
+        # The last, partial batch can leave a replica with no examples, on
+        # which Keras's BatchNormalization fails: skip the model there.
+        images, labels = batch
+        return tf.cond(
+            tf.shape(labels)[0] > 0,
+            lambda: eval_sums(images, labels),
+            lambda: tf.zeros([4]),
         )
 
     @tf.function
@@ -490,4 +499,4 @@ def _any_worker_preempted(strategy: tf.distribute.Strategy, requested: bool) -> 
         return requested
     flag = tf.constant(float(requested))
     per_replica = strategy.run(lambda: tf.identity(flag))
-    return bool(strategy.reduce("MAX", per_replica, axis=None).numpy() > 0)
+    return bool(strategy.reduce("SUM", per_replica, axis=None).numpy() > 0)
