@@ -3,7 +3,8 @@
 BUILD files are Starlark, whose BUILD subset is Python syntax, so the check runs
 BUILD with Python stand-ins for Bazel's `glob`, `load` and rules, and compares
 the targets it declares with the files on disk: every test file has a `py_test`,
-every file a target names exists, every dependency is declared.
+every file of the Python packages is in a target, every file a target names
+exists, every dependency is declared.
 """
 
 import dataclasses
@@ -88,6 +89,18 @@ def untargeted_test_files(targets: dict[str, Target], root: Path) -> list[str]:
     return [f"{name}: no py_test" for name in on_disk if name not in tested]
 
 
+def unbuilt_package_files(targets: dict[str, Target], root: Path) -> list[str]:
+    """Files of the top-level Python packages (e.g. lars_tf/) in no target."""
+    in_targets = {name for target in targets.values() for name in _files(target)}
+    packages = [init.parent.name for init in root.glob("*/__init__.py")]
+    on_disk = _glob(root, [f"{package}/**/*" for package in packages])
+    return [
+        f"{name}: in no target"
+        for name in on_disk
+        if name not in in_targets and "__pycache__" not in name
+    ]
+
+
 def missing_files(targets: dict[str, Target], root: Path) -> list[str]:
     """Files named by a target that do not exist, or a `main` not in srcs."""
     problems = [
@@ -125,6 +138,7 @@ def build_problems(root: Path) -> list[str]:
     pip_packages = set(evaluate_build(root / PYPI_BUILD))
     return (
         untargeted_test_files(targets, root)
+        + unbuilt_package_files(targets, root)
         + missing_files(targets, root)
         + unknown_deps(targets, pip_packages)
     )
@@ -174,6 +188,19 @@ def test_a_test_file_without_target_is_reported(tmp_path):
     targets = _write_tree(tmp_path, EXPLICIT_BUILD, files)
 
     assert untargeted_test_files(targets, tmp_path) == ["tests/test_b.py: no py_test"]
+
+
+def test_a_package_file_in_no_target_is_reported(tmp_path):
+    build = 'load("x", "py_library")\npy_library(name = "pkg", srcs = ["pkg/a.py"])\n'
+    files = ["pkg/__init__.py", "pkg/a.py", "pkg/sub/b.py", "pkg/data.txt"]
+    files += ["pkg/__pycache__/a.cpython-311.pyc", "scripts/c.py"]
+    targets = _write_tree(tmp_path, build, files)
+
+    assert unbuilt_package_files(targets, tmp_path) == [
+        "pkg/__init__.py: in no target",
+        "pkg/data.txt: in no target",
+        "pkg/sub/b.py: in no target",
+    ]
 
 
 def test_a_missing_file_is_reported(tmp_path):
