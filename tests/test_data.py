@@ -311,8 +311,6 @@ def test_flip_mirrors_the_image():
             augmentation="minimal",
             seed=seed,
             channels=1,
-            mean=(0.0,),
-            stddev=(1.0,),
         )
 
     out = _map_seeds(augment, 40)[..., 0]

@@ -522,9 +522,6 @@ class InputFn:
                 seed=example_seed,
                 channels=channels,
                 crop_fraction=crop_fraction,
-                mean=mean,
-                stddev=stddev,
-                dtype=c["dtype"],
             )
             return image, example["label"], example["source"]
 
@@ -567,10 +564,21 @@ class InputFn:
             examples = examples.ignore_errors(log_warning=True)
         examples = examples.map(check_label)
         batches = examples.batch(batch_size, drop_remainder=training)
+        batches = batches.map(
+            lambda images, labels: (
+                preprocessing.normalize(images, mean, stddev, c["dtype"]),
+                labels,
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=c["deterministic"],
+        )
         batches = batches.prefetch(tf.data.AUTOTUNE)
         options = tf.data.Options()
         options.deterministic = c["deterministic"]
         options.experimental_optimization.map_parallelization = True
+        # Parallelism comes from the parallel map; ops inside one example's
+        # function run inline rather than handing tiny ops to the shared pool.
+        options.threading.max_intra_op_parallelism = 1
         return batches.with_options(options)
 
     def _make_counters(self) -> None:

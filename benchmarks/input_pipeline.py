@@ -1,0 +1,183 @@
+"""Input pipeline throughput against the raw JPEG decode rate, on the same files.
+
+    python benchmarks/input_pipeline.py [--cache_dir=/tmp/lars_tf_imagenette]
+        [--images=2000] [--rounds=3] [--image_size=224]
+
+Converts the Imagenette photos (``$LARS_TF_DATA_DIR/imagenette2-224``, 9,469
+train and 3,925 val real ImageNet JPEGs) into TFRecord shards once (reused from
+``--cache_dir``), then measures in rounds, side by side, the images/sec of:
+
+- ``raw_decode``: read + parse the records and ``tf.io.decode_jpeg`` every image
+  (parallel map, no other work): the ceiling an input pipeline is measured against;
+- ``train_minimal`` / ``train_extended``: the full training pipeline of
+  ``train.data.make_input_fn`` (crop-before-decode, flip, resize[, colour],
+  batch, normalize) at ``--image_size``;
+- ``eval``: the evaluation pipeline (center crop, resize) on the val shards.
+
+Two rates per measurement: images per wall-clock second (divided by the cores for
+"per core") and images per CPU-second of this process (user + system time of all
+its threads), which other programs' load on a shared machine disturbs much less.
+Each pipeline's ratio to the raw decode rate of the same round is computed on the
+CPU-second rates (the goal is >= 0.8). Rounds alternate the variants so a load
+change hits all of them; the spread over rounds is printed.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tensorflow as tf  # noqa: E402
+
+from train import convert_images, data  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string(
+    "cache_dir", "/tmp/lars_tf_imagenette", "Where the converted shards are kept."
+)
+flags.DEFINE_integer("images", 2000, "Images timed per measurement.")
+flags.DEFINE_integer("rounds", 3, "Rounds of all variants.")
+flags.DEFINE_integer("image_size", 224, "Output image size of the pipelines.")
+flags.DEFINE_integer("batch_size", 64, "Batch size of every variant.")
+flags.DEFINE_list(
+    "variants",
+    ["raw_decode", "train_minimal", "train_extended", "eval"],
+    "Variants to time; raw_decode must be among them for the ratios.",
+)
+
+
+def converted_imagenette(cache_dir: str) -> str:
+    """The shard folder, converting Imagenette's train split on first use."""
+    if os.path.exists(os.path.join(cache_dir, data.INFO_FILENAME)):
+        return cache_dir
+    source = os.path.join(data.shared_data_dir(), "imagenette2-224", "train")
+    if not os.path.isdir(source):
+        sys.exit(f"Imagenette not found at {source}; set LARS_TF_DATA_DIR")
+    print(f"converting {source} -> {cache_dir} (once)", flush=True)
+    start = time.perf_counter()
+    convert_images.convert(
+        cache_dir,
+        train_dir=source,
+        validation_dir=source.replace("train", "val"),
+        train_shards=16,
+        validation_shards=8,
+    )
+    print(f"converted in {time.perf_counter() - start:.0f} s", flush=True)
+    return cache_dir
+
+
+def raw_decode_dataset(data_dir: str, batch_size: int) -> tf.data.Dataset:
+    """Records -> decode_jpeg (whole image, RGB) -> batches."""
+    files = data.list_record_files(data_dir, "train")
+
+    def decode(record):
+        features = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
+        jpeg = tf.io.parse_single_example(record, features)["image/encoded"]
+        return tf.io.decode_jpeg(jpeg, channels=3)
+
+    dataset = tf.data.Dataset.from_tensor_slices(files).interleave(
+        lambda f: tf.data.TFRecordDataset(f, buffer_size=data.RECORD_BUFFER_BYTES),
+        cycle_length=len(files),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=False,
+    )
+    dataset = dataset.repeat().map(
+        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+    )
+    # Every Imagenette image is 224x224 (the greyscale ones became RGB).
+    dataset = dataset.batch(batch_size)
+    options = tf.data.Options()
+    options.threading.max_intra_op_parallelism = 1  # As the pipeline does.
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def pipeline_dataset(data_dir: str, variant: str) -> tf.data.Dataset:
+    """The project's pipeline: training (repeated) or evaluation (repeated here)."""
+    augmentation = {"train_minimal": "minimal", "train_extended": "extended"}
+    input_fn = data.make_input_fn(
+        source="imagenet",
+        split="validation" if variant == "eval" else "train",
+        data_dir=data_dir,
+        global_batch_size=FLAGS.batch_size,
+        image_size=FLAGS.image_size,
+        augmentation=augmentation.get(variant, "none"),
+        seed=0,
+        shuffle_buffer_size=1000,
+    )
+    return input_fn().repeat()
+
+
+def images_per_second(dataset: tf.data.Dataset, num_images: int) -> tuple:
+    """(images per wall second, images per CPU second of this process), timed
+    over num_images after a warm-up of a few batches."""
+    iterator = iter(dataset)
+    for _ in range(3):
+        next(iterator)
+    seen, wall, cpu = 0, time.perf_counter(), time.process_time()
+    while seen < num_images:
+        images, *_ = next(iterator)
+        seen += int(images.shape[0])
+    return (
+        seen / (time.perf_counter() - wall),
+        seen / (time.process_time() - cpu),
+    )
+
+
+def main(argv):
+    del argv
+    data_dir = converted_imagenette(FLAGS.cache_dir)
+    cores = len(os.sched_getaffinity(0))
+    print(
+        f"{cores} cores, batch {FLAGS.batch_size}, {FLAGS.images} images per "
+        f"measurement, {FLAGS.rounds} rounds, TF {tf.__version__}",
+        flush=True,
+    )
+    rates = {variant: [] for variant in FLAGS.variants}
+    cpu_rates = {variant: [] for variant in FLAGS.variants}
+    for round_index in range(FLAGS.rounds):
+        for variant in FLAGS.variants:
+            if variant == "raw_decode":
+                dataset = raw_decode_dataset(data_dir, FLAGS.batch_size)
+            else:
+                dataset = pipeline_dataset(data_dir, variant)
+            rate, cpu_rate = images_per_second(dataset, FLAGS.images)
+            rates[variant].append(rate)
+            cpu_rates[variant].append(cpu_rate)
+            print(
+                f"round {round_index}: {variant:15s} {rate:8.1f} img/s wall, "
+                f"{cpu_rate:8.1f} img per CPU-s",
+                flush=True,
+            )
+
+    print(
+        "\n| variant | img/s wall, median (min-max) | wall / core | "
+        "img per CPU-second, median (min-max) | / raw decode (CPU-s), median "
+        "(min-max) |"
+    )
+    print("|---|---|---|---|---|")
+    for variant in FLAGS.variants:
+        wall, cpu = rates[variant], cpu_rates[variant]
+        ratios = ""
+        if "raw_decode" in cpu_rates:
+            per_round = [
+                v / r for v, r in zip(cpu, cpu_rates["raw_decode"], strict=True)
+            ]
+            ratios = (
+                f"{statistics.median(per_round):.2f} "
+                f"({min(per_round):.2f}-{max(per_round):.2f})"
+            )
+        print(
+            f"| {variant} | {statistics.median(wall):.0f} "
+            f"({min(wall):.0f}-{max(wall):.0f}) | "
+            f"{statistics.median(wall) / cores:.0f} | "
+            f"{statistics.median(cpu):.0f} ({min(cpu):.0f}-{max(cpu):.0f}) | "
+            f"{ratios} |"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
