@@ -39,6 +39,9 @@ setup(
         f"{_tensorflow_distribution()}>=2.16",
         "keras>=3",
         "tensorflow-datasets",
+        # TFDS 4.9.10 imports it to prepare datasets (DatasetBuilder.code_path) but
+        # declares it only for Python < 3.9.
+        "importlib_resources",
         "absl-py",
         # tf.summary (the app's and TrustRatioMonitor's TensorBoard logs) lives
         # in this package; TF 2.21's wheels no longer pull it in.
