@@ -1,0 +1,506 @@
+"""Cost of one optimizer step on ResNet-50's parameters, LARS against its peers.
+
+Parameters have the shapes of ResNet-50's 161 trainable variables (25.6M
+float32 values, from `train.models.build_model("resnet50", 1000, 224)`), with
+random weights and random gradients. Each candidate times `apply_gradients`
+inside a `tf.function` (or, for optax, `update` + `apply_updates` under
+`jax.jit`):
+
+- `LARS` with `jit_compile=False` (the default) and `jit_compile=True`,
+  weight decay 1e-4 and `exclude_bias_and_norm` for adaptation and decay (the
+  tensorflow/tpu ResNet-50 setting);
+- Keras `SGD(momentum=0.9)`, the floor LARS adds two norms to;
+- Keras `Lamb`, another trust-ratio optimizer;
+- `optax.lars` with the same settings under `jax.jit` (donated buffers), in a
+  separate process since JAX lives only in the benchmark environment;
+- the memory-bandwidth floor: LARS must read w, g, v and write w, v, 20 bytes
+  per float32 parameter, over the best copy bandwidth measured in the same run
+  (a NumPy copy of one 25.6M-value array, 8 bytes per value moved, and a
+  multi-threaded TensorFlow `w += g` on it, 12 bytes per value moved). Also
+  timed: one fused momentum kernel over one flat 25.6M-value variable, the
+  same 20 bytes per value in a single TensorFlow kernel.
+
+Candidates run interleaved (A B C ... A B C ...) in repeated rounds, each
+round starting at a different candidate, so that load from other processes
+hits all of them alike. The table gives each candidate's median time per step
+over rounds and its median ratio to LARS in the same round, with the 25th-75th
+percentile of those per-round ratios.
+
+Scenarios, each in its own process: `float32` (the one above), `mixed_bfloat16`
+(Keras's mixed-precision policy: float32 variables and slots, gradients in the
+dtype Keras gives them, found from a small model under the policy), and
+`mirrored` (`tf.distribute.MirroredStrategy` over 2 logical CPU devices, each
+replica holding its own random gradients, so each step also all-reduces).
+
+Setup for the optax column (JAX only in a separate environment, never a
+dependency of lars_tf):
+
+    python -m venv /tmp/bench-venv
+    /tmp/bench-venv/bin/pip install jax optax numpy
+
+Run (a few minutes on a 2-core CPU):
+
+    python benchmarks/optimizer_step.py --jax_python=/tmp/bench-venv/bin/python
+
+Without `--jax_python` (and no /tmp/bench-venv) the optax column is skipped.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SCENARIOS = ("float32", "mixed_bfloat16", "mirrored")
+DEFAULT_JAX_PYTHON = "/tmp/bench-venv/bin/python"
+WEIGHT_DECAY = 1e-4
+MOMENTUM = 0.9
+TRUST_COEFFICIENT = 0.001
+BYTES_PER_PARAMETER = 20  # read w, g, v and write w, v, 4 bytes each
+
+
+def lars_settings() -> dict:
+    """LARS's arguments in every LARS candidate (optax's match them)."""
+    import lars_tf
+
+    return dict(
+        learning_rate=0.1,
+        momentum=MOMENTUM,
+        weight_decay=WEIGHT_DECAY,
+        trust_coefficient=TRUST_COEFFICIENT,
+        exclude_from_adaptation=lars_tf.exclude_bias_and_norm,
+        exclude_from_weight_decay=lars_tf.exclude_bias_and_norm,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
+    parser.add_argument("--steps", type=int, default=3, help="steps per round")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {SCENARIOS}, each run in its own process",
+    )
+    parser.add_argument(
+        "--jax_python",
+        default=DEFAULT_JAX_PYTHON if os.path.exists(DEFAULT_JAX_PYTHON) else "",
+        help="Python with jax and optax installed, for the optax column",
+    )
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also time earlier designs of LARS's update (float32 scenario)",
+    )
+    parser.add_argument("--scenario", help=argparse.SUPPRESS)  # one, in-process
+    parser.add_argument("--optax_worker", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """The shapes of ResNet-50's trainable variables, in model order."""
+    from train.models import build_model
+
+    model = build_model("resnet50", 1000, 224)
+    return [tuple(v.shape) for v in model.trainable_variables]
+
+
+def random_arrays(shapes, scale: float, seed: int) -> list[np.ndarray]:
+    """One float32 array of standard normals times `scale` per shape."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(s, dtype=np.float32) * scale) for s in shapes]
+
+
+def interleave(candidates: dict, rounds: int, steps: int) -> dict[str, np.ndarray]:
+    """Seconds per step of each candidate, one entry per round.
+
+    `candidates` maps a name to a callable that runs `steps` steps and returns
+    when they are done. Each round starts at the next candidate, so no one
+    always runs right after the same neighbour.
+    """
+    names = list(candidates)
+    times = {name: [] for name in names}
+    for round_index in range(rounds):
+        start = round_index % len(names)
+        for name in names[start:] + names[:start]:
+            began = time.perf_counter()
+            candidates[name](steps)
+            times[name].append((time.perf_counter() - began) / steps)
+    return {name: np.array(t) for name, t in times.items()}
+
+
+def print_table(title: str, times: dict, reference: str, notes=()) -> None:
+    """Median ms per step, and the median and quartiles of per-round ratios."""
+    print(f"\n{title}")
+    print(f"{'candidate':<40} {'ms/step':>9} {'x ' + reference:>22}")
+    for name, t in times.items():
+        ratios = t / times[reference]
+        q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
+        print(f"{name:<40} {np.median(t) * 1e3:9.1f} {q50:9.3f} [{q25:.3f}-{q75:.3f}]")
+    for note in notes:
+        print(note)
+
+
+# --- TensorFlow candidates ---------------------------------------------------
+
+
+def make_step(build_optimizer, weights, gradients, strategy=None):
+    """A callable running `steps` `apply_gradients` calls of a new optimizer."""
+    import keras
+    import tensorflow as tf
+
+    if strategy is None:
+        optimizer = build_optimizer()
+        variables = [keras.Variable(w) for w in weights]
+        optimizer.build(variables)
+
+        @tf.function
+        def step():
+            optimizer.apply_gradients(zip(gradients, variables))
+
+    else:
+        with strategy.scope():
+            optimizer = build_optimizer()
+            variables = [keras.Variable(w) for w in weights]
+            optimizer.build(variables)
+
+        @tf.function
+        def step():
+            def replica_step(*replica_gradients):
+                optimizer.apply_gradients(zip(replica_gradients, variables))
+
+            strategy.run(replica_step, args=gradients)
+
+    step()  # traces, compiles and creates slots
+
+    def run(steps):
+        for _ in range(steps):
+            step()
+
+    return run
+
+
+def tf_optimizers():
+    """The TensorFlow candidates' optimizers, built fresh."""
+    import keras
+
+    import lars_tf
+
+    def lars(jit_compile):
+        return lars_tf.LARS(**lars_settings(), jit_compile=jit_compile)
+
+    return {
+        "LARS (jit_compile=False, default)": lambda: lars(False),
+        "LARS (jit_compile=True)": lambda: lars(True),
+        "Keras SGD(momentum=0.9)": lambda: keras.optimizers.SGD(
+            learning_rate=0.1, momentum=MOMENTUM
+        ),
+        "Keras Lamb": lambda: keras.optimizers.Lamb(1e-3),
+    }
+
+
+def bandwidth_candidates(num_parameters: int) -> tuple[dict, dict]:
+    """Streaming kernels over one flat array of `num_parameters` float32s.
+
+    Returns the callables to time and, for each, the bytes it moves per step
+    (None for the fused momentum kernel, which is a floor time by itself).
+    """
+    import tensorflow as tf
+
+    source = np.random.default_rng(2).standard_normal(num_parameters, np.float32)
+    target = np.empty_like(source)
+    weight = tf.Variable(source)
+    velocity = tf.Variable(tf.zeros_like(source))
+    gradient = tf.constant(source)
+
+    @tf.function
+    def add_in_place():
+        weight.assign_add(gradient)
+
+    @tf.function
+    def fused_momentum():
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=weight.handle,
+            accum=velocity.handle,
+            lr=tf.constant(1e-3),
+            grad=gradient,
+            momentum=tf.constant(MOMENTUM),
+        )
+
+    add_in_place()
+    fused_momentum()
+
+    def repeat(fn):
+        def run(steps):
+            for _ in range(steps):
+                fn()
+
+        return run
+
+    candidates = {
+        "copy (NumPy, 1 flat array)": repeat(lambda: np.copyto(target, source)),
+        "w += g (TensorFlow, 1 flat array)": repeat(add_in_place),
+        "fused momentum kernel (1 flat array)": repeat(fused_momentum),
+    }
+    bytes_moved = {
+        "copy (NumPy, 1 flat array)": 8 * num_parameters,
+        "w += g (TensorFlow, 1 flat array)": 12 * num_parameters,
+        "fused momentum kernel (1 flat array)": None,
+    }
+    return candidates, bytes_moved
+
+
+def earlier_lars_designs() -> dict:
+    """LARS with the per-variable updates it had before its optimization.
+
+    "tf.norm": the first design, `tf.norm` of w and g (a square into a
+    temporary, then a sum), and weight decay as `g + d * w` (two passes and a
+    temporary). "l2_loss norms": one-pass norms, weight decay still added to
+    the gradient. The current design also folds the decay into the slot.
+    """
+    import tensorflow as tf
+
+    import lars_tf
+    from lars_tf.lars import trust_ratio
+
+    def subclass(norm):
+        class EarlierLARS(lars_tf.LARS):
+            def _fused_update(
+                self,
+                variable,
+                velocity,
+                gradient,
+                learning_rate,
+                *,
+                weight_decay,
+                adapted,
+            ):
+                if adapted:
+                    learning_rate *= trust_ratio(
+                        norm(variable),
+                        norm(gradient),
+                        weight_decay,
+                        self.trust_coefficient,
+                        self.epsilon,
+                    )
+                if weight_decay:
+                    gradient = gradient + weight_decay * variable
+                tf.raw_ops.ResourceApplyKerasMomentum(
+                    var=variable.handle,
+                    accum=velocity.handle,
+                    lr=learning_rate,
+                    grad=gradient,
+                    momentum=tf.cast(self.momentum, variable.dtype),
+                    use_nesterov=self.nesterov,
+                )
+
+        return lambda: EarlierLARS(**lars_settings())
+
+    return {
+        "LARS earlier: tf.norm, g + d*w": subclass(tf.norm),
+        "LARS earlier: l2_loss norms, g + d*w": subclass(
+            lambda x: tf.sqrt(2 * tf.nn.l2_loss(x))
+        ),
+    }
+
+
+# --- optax, in the benchmark environment's process ---------------------------
+
+
+class OptaxWorker:
+    """`optax.lars` under `jax.jit`, driven round by round in a child process."""
+
+    def __init__(self, python: str, shapes):
+        self.process = subprocess.Popen(
+            [python, os.path.abspath(__file__), "--optax_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._send(json.dumps([list(s) for s in shapes]))
+        self.version = self._receive()  # after warm-up
+
+    def _send(self, line: str) -> None:
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def _receive(self) -> str:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the optax worker exited; see its error above")
+        return line.strip()
+
+    def __call__(self, steps: int) -> None:
+        self._send(str(steps))
+        self._receive()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def optax_worker() -> None:
+    """Serves `optax_worker` requests on stdin/stdout (no TensorFlow here)."""
+    import jax
+    import optax
+
+    shapes = [tuple(s) for s in json.loads(sys.stdin.readline())]
+    params = [jax.numpy.asarray(w) for w in random_arrays(shapes, 0.05, seed=0)]
+    grads = [jax.numpy.asarray(g) for g in random_arrays(shapes, 0.01, seed=1)]
+    matrices = [len(s) > 1 for s in shapes]  # exclude_bias_and_norm's complement
+    optimizer = optax.lars(
+        learning_rate=0.1,
+        weight_decay=WEIGHT_DECAY,
+        weight_decay_mask=matrices,
+        trust_coefficient=TRUST_COEFFICIENT,
+        trust_ratio_mask=matrices,
+        momentum=MOMENTUM,
+    )
+    state = optimizer.init(params)
+
+    def step(params, state, grads):
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    params, state = jax.block_until_ready(step(params, state, grads))
+    print(f"jax {jax.__version__}, optax {optax.__version__}", flush=True)
+    for line in sys.stdin:
+        for _ in range(int(line)):
+            params, state = step(params, state, grads)
+        jax.block_until_ready(params)
+        print("done", flush=True)
+
+
+# --- scenarios ---------------------------------------------------------------
+
+
+def gradient_dtype_under_mixed_bfloat16():
+    """The dtype of the gradients Keras gives float32 variables under the policy."""
+    import keras
+    import tensorflow as tf
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)]
+        )
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(model(tf.ones((2, 4))), "float32"))
+        gradients = tape.gradient(loss, model.trainable_variables)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return {g.dtype for g in gradients}.pop()
+
+
+def run_scenario(scenario: str, args: argparse.Namespace) -> None:
+    """Times every candidate of one scenario, interleaved, and prints the table."""
+    if scenario == "mirrored":
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+        )
+    import tensorflow as tf
+
+    shapes = resnet50_shapes()
+    num_parameters = sum(int(np.prod(s)) for s in shapes)
+    weights = random_arrays(shapes, 0.05, seed=0)
+    gradients = random_arrays(shapes, 0.01, seed=1)
+    strategy = None
+    notes = [
+        f"{len(shapes)} variables, {num_parameters / 1e6:.1f}M parameters; "
+        f"{args.rounds} rounds x {args.steps} steps; TensorFlow {tf.__version__}"
+    ]
+    if scenario == "mirrored":
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        second = random_arrays(shapes, 0.01, seed=3)
+        per_replica = [
+            strategy.experimental_distribute_values_from_function(
+                lambda context, a=a, b=b: tf.constant(
+                    (a, b)[context.replica_id_in_sync_group]
+                )
+            )
+            for a, b in zip(gradients, second)
+        ]
+        gradients = per_replica
+        notes.append("MirroredStrategy over 2 logical CPU devices (one 2-core CPU)")
+    elif scenario == "mixed_bfloat16":
+        dtype = gradient_dtype_under_mixed_bfloat16()
+        notes.append(
+            f"mixed_bfloat16: float32 variables and slots, {dtype.name} gradients "
+            "(the dtype Keras gives float32 variables under the policy)"
+        )
+        gradients = [tf.constant(g, dtype=dtype) for g in gradients]
+    else:
+        gradients = [tf.constant(g) for g in gradients]
+
+    builders = tf_optimizers()
+    if args.variants and scenario == "float32":
+        builders.update(earlier_lars_designs())
+    candidates = {
+        name: make_step(build, weights, gradients, strategy)
+        for name, build in builders.items()
+    }
+    worker = None
+    bytes_moved = {}
+    if scenario == "float32":
+        if args.jax_python:
+            worker = OptaxWorker(args.jax_python, shapes)
+            candidates["optax.lars under jax.jit"] = worker
+            notes.append(f"optax: {worker.version}")
+        else:
+            notes.append("optax: skipped (no --jax_python)")
+        floors, bytes_moved = bandwidth_candidates(num_parameters)
+        candidates.update(floors)
+
+    times = interleave(candidates, args.rounds, args.steps)
+    if worker is not None:
+        worker.close()
+    reference = next(iter(times))
+    if bytes_moved:
+        bandwidth = np.max(
+            [n / times[name] for name, n in bytes_moved.items() if n], axis=0
+        )
+        times["bandwidth floor (20 B/param)"] = (
+            BYTES_PER_PARAMETER * num_parameters / bandwidth
+        )
+        over_floor = times[reference] / times["bandwidth floor (20 B/param)"]
+        q25, q50, q75 = np.percentile(over_floor, [25, 50, 75])
+        notes.append(
+            f"bandwidth: median {np.median(bandwidth) / 1e9:.1f} GB/s (the best "
+            f"copy kernel of each round); {reference} over the floor: "
+            f"{q50:.3f} [{q25:.3f}-{q75:.3f}]"
+        )
+    print_table(f"== scenario: {scenario}", times, reference, notes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.optax_worker:
+        optax_worker()
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if args.scenario:
+        run_scenario(args.scenario, args)
+        return
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    for scenario in args.scenarios.split(","):
+        command = [sys.executable, os.path.abspath(__file__), f"--scenario={scenario}"]
+        command += [f"--rounds={args.rounds}", f"--steps={args.steps}"]
+        command += [f"--jax_python={args.jax_python}"]
+        command += ["--variants"] * args.variants
+        subprocess.run(command, check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Training-step images/sec with LARS against SGD-momentum, and the input pipeline.
+
+For each model, two copies with the same initial weights train on the same
+fixed batch of random images (the step's cost does not depend on pixel
+values), one with `lars_tf.LARS` (momentum 0.9, weight decay 5e-4 and
+`exclude_bias_and_norm`, as in training) and one with Keras
+`SGD(momentum=0.9)`. A step is the forward pass, sparse cross-entropy on the
+logits, the gradients and `apply_gradients`, in one `tf.function` (not
+XLA-compiled: Keras's `jit_compile="auto"` is off on CPU-only machines).
+The two alternate in rounds so that load from other processes hits both
+alike; the table gives images/sec (median over rounds) and the median
+per-round ratio LARS / SGD, with its 25th-75th percentiles.
+
+Models: `resnet20` (CIFAR-10 shape, 32x32x3) and `small_alexnet_bn` (MNIST
+shape, 28x28x1) at `--batch_size`, and a short `resnet50` (224x224x3, 1000
+classes) at `--resnet50_batch_size`.
+
+Then the input pipeline (`train.data.make_input_fn`, training split, minimal
+augmentation) against what the step consumes: MNIST for `small_alexnet_bn`,
+Imagenette records (converted once by `benchmarks/input_pipeline.py`'s
+`converted_imagenette`) for `resnet50`, timed alone on all cores right after
+the model's steps; the smaller rate bounds training (when both run, they
+share the cores).
+
+Run (about 10 minutes on a 2-core CPU; fewer rounds or `--models` for less):
+
+    python benchmarks/training_throughput.py
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import lars_tf  # noqa: E402
+from benchmarks.input_pipeline import (  # noqa: E402
+    converted_imagenette,
+    images_per_second,
+)
+from benchmarks.optimizer_step import interleave  # noqa: E402
+from train import data, models  # noqa: E402
+
+# name: (num_classes, image_size, channels, input source or None)
+MODELS = {
+    "resnet20": (10, 32, 3, None),
+    "small_alexnet_bn": (10, 28, 1, "mnist"),
+    "resnet50": (1000, 224, 3, "imagenet"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=3, help="steps per round")
+    parser.add_argument("--resnet50_batch_size", type=int, default=8)
+    parser.add_argument("--resnet50_rounds", type=int, default=3)
+    parser.add_argument("--resnet50_steps", type=int, default=1)
+    parser.add_argument(
+        "--pipeline_images", type=int, default=1000, help="images per pipeline rate"
+    )
+    parser.add_argument(
+        "--cache_dir",
+        default="/tmp/lars_tf_imagenette",
+        help="Imagenette records, as benchmarks/input_pipeline.py converts them",
+    )
+    return parser.parse_args(argv)
+
+
+def optimizers() -> dict:
+    """The two optimizers compared, built fresh."""
+    return {
+        "LARS": lambda: lars_tf.LARS(
+            learning_rate=0.1,
+            momentum=0.9,
+            weight_decay=5e-4,
+            exclude_from_adaptation=lars_tf.exclude_bias_and_norm,
+            exclude_from_weight_decay=lars_tf.exclude_bias_and_norm,
+        ),
+        "SGD-momentum": lambda: keras.optimizers.SGD(learning_rate=0.1, momentum=0.9),
+    }
+
+
+def make_train_steps(model_name: str, batch_size: int) -> dict:
+    """One callable per optimizer running `steps` training steps of its model."""
+    num_classes, image_size, channels, _ = MODELS[model_name]
+    rng = np.random.default_rng(0)
+    images = tf.constant(
+        rng.standard_normal((batch_size, image_size, image_size, channels), "f4")
+    )
+    labels = tf.constant(rng.integers(0, num_classes, batch_size))
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    initial_weights = None
+    runs = {}
+    for name, build_optimizer in optimizers().items():
+        model = models.build_model(model_name, num_classes, image_size, channels)
+        if initial_weights is None:
+            initial_weights = model.get_weights()
+        model.set_weights(initial_weights)
+        optimizer = build_optimizer()
+
+        @tf.function
+        def step(model=model, optimizer=optimizer):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(labels, model(images, training=True))
+            gradients = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+
+        step()  # traces and creates the slots
+
+        def run(steps, step=step):
+            for _ in range(steps):
+                step()
+
+        runs[name] = run
+    return runs
+
+
+def pipeline_rate(source: str, args: argparse.Namespace, batch_size: int) -> float:
+    """Images/sec of the training input pipeline of `source`."""
+    num_classes, image_size, channels, _ = next(
+        m for m in MODELS.values() if m[3] == source
+    )
+    if source == "mnist":
+        data_dir = os.path.join(data.shared_data_dir(), "mnist")
+    else:
+        data_dir = converted_imagenette(args.cache_dir)
+    input_fn = data.make_input_fn(
+        source=source,
+        split="train",
+        data_dir=data_dir,
+        global_batch_size=batch_size,
+        image_size=image_size,
+        augmentation="minimal",
+        seed=0,
+        shuffle_buffer_size=1000,
+    )
+    wall_rate, _ = images_per_second(input_fn().repeat(), args.pipeline_images)
+    return wall_rate
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} "
+        f"CPUs, TensorFlow {tf.__version__}, Keras {keras.__version__}",
+        flush=True,
+    )
+    print(
+        f"\n{'model':<17} {'batch':>5} {'LARS img/s':>10} {'SGD img/s':>10} "
+        f"{'LARS/SGD [25-75%]':>22} {'pipeline img/s (x LARS)':>24}"
+    )
+    for model_name in args.models.split(","):
+        is_resnet50 = model_name == "resnet50"
+        batch_size = args.resnet50_batch_size if is_resnet50 else args.batch_size
+        rounds = args.resnet50_rounds if is_resnet50 else args.rounds
+        steps = args.resnet50_steps if is_resnet50 else args.steps
+        times = interleave(make_train_steps(model_name, batch_size), rounds, steps)
+        lars, sgd = batch_size / times["LARS"], batch_size / times["SGD-momentum"]
+        q25, q50, q75 = np.percentile(lars / sgd, [25, 50, 75])
+        source = MODELS[model_name][3]
+        pipeline = "-"
+        if source is not None:
+            rate = pipeline_rate(source, args, batch_size)
+            pipeline = f"{rate:.0f} ({rate / np.median(lars):.1f}x)"
+        print(
+            f"{model_name:<17} {batch_size:>5} {np.median(lars):>10.1f} "
+            f"{np.median(sgd):>10.1f} {q50:>9.3f} [{q25:.3f}-{q75:.3f}] "
+            f"{pipeline:>24}",
+            flush=True,
+        )
+    print(
+        f"({args.rounds} rounds x {args.steps} steps; resnet50 {args.resnet50_rounds}"
+    )
+    print(
+        f" rounds x {args.resnet50_steps} steps; load average {os.getloadavg()[0]:.1f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
