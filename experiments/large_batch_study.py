@@ -151,7 +151,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the grid.")
 flags.DEFINE_list(
     "repeat_seeds",
     None,
-    "Extra seeds for the base and the largest batch (LARS at its best rate).",
+    "Extra seeds for the base, 32x-base and largest batch (LARS at its best "
+    "rate); default per part.",
 )
 flags.DEFINE_integer(
     "train_examples", None, "Train on this many examples per epoch (smoke runs)."
@@ -429,17 +430,24 @@ def best_lars_lr(summaries: Iterable[dict], config: RunConfig) -> float | None:
     return max(candidates, key=lambda s: s["final_top1"])["config"]["base_lr"]
 
 
+def claim_batches(batch_sizes: Iterable[int]) -> set[int]:
+    """The batches the paper's claim is about: the base, 32x the base (when in
+    the grid) and the largest. They run first and are repeated over seeds."""
+    batch_sizes = set(batch_sizes)
+    base = min(batch_sizes)
+    return {base, max(batch_sizes)} | ({32 * base} & batch_sizes)
+
+
 def repeat_configs(
     grid: Sequence[RunConfig], summaries: list[dict], repeat_seeds: Sequence[int]
 ) -> list[RunConfig]:
-    """The base and largest batch again over ``repeat_seeds``: SGD at its rate,
-    LARS at the best rate of the grid's seed (needs those runs finished)."""
-    batches = [c.batch_size for c in grid]
-    ends = {min(batches), max(batches)}
+    """The claim's batches (``claim_batches``) again over ``repeat_seeds``: SGD
+    at its rate, LARS at the best rate of the grid's seed (needs those runs)."""
+    repeated = claim_batches(c.batch_size for c in grid)
     configs = []
     for seed in repeat_seeds:
         for config in grid:
-            if config.batch_size not in ends:
+            if config.batch_size not in repeated:
                 continue
             if config.optimizer == "sgd":
                 configs.append(dataclasses.replace(config, seed=seed))
@@ -705,24 +713,27 @@ def main(argv: list[str]) -> None:
         eval_examples=FLAGS.eval_examples,
     )
     repeat_seeds = _part_value("repeat_seeds", settings, int)
-    if FLAGS.dry_run:
-        pending = [c for c in grid if not os.path.exists(run_path(FLAGS.output_dir, c))]
-        print(
-            f"{len(pending)} of {len(grid)} grid runs pending (+ repeats over "
-            f"seeds {list(repeat_seeds)} of the base and largest batch):"
-        )
-        for config in pending:
-            print(f"  {config.run_id}  peak lr {config.peak_lr:g}")
-        return
-    # The claim's two ends first, with their repeats, so that a grid cut short
+    # The claim's batches first, with their repeats, so that a grid cut short
     # still answers the question; then the batches in between.
-    batches = [c.batch_size for c in grid]
-    ends = {min(batches), max(batches)}
-    for config in grid:
-        if config.batch_size in ends:
-            run_if_missing(config, FLAGS.output_dir, data_dir)
+    first = claim_batches(c.batch_size for c in grid)
+    claim_runs = [c for c in grid if c.batch_size in first]
+    other_runs = [c for c in grid if c.batch_size not in first]
+    if FLAGS.dry_run:
+        done = lambda c: os.path.exists(run_path(FLAGS.output_dir, c))  # noqa: E731
+        print(f"{sum(map(done, grid))} of {len(grid)} grid runs done. In order:")
+        for config in claim_runs:
+            print(f"  {'done' if done(config) else '    '} {config.run_id}")
+        print(
+            f"  then seeds {list(repeat_seeds)} of batches {sorted(first)} (LARS at "
+            "its best rate), then:"
+        )
+        for config in other_runs:
+            print(f"  {'done' if done(config) else '    '} {config.run_id}")
+        return
+    for config in claim_runs:
+        run_if_missing(config, FLAGS.output_dir, data_dir)
     repeats = repeat_configs(grid, load_summaries(FLAGS.output_dir), repeat_seeds)
-    for config in repeats + [c for c in grid if c.batch_size not in ends]:
+    for config in repeats + other_runs:
         run_if_missing(config, FLAGS.output_dir, data_dir)
     logging.info("all %d runs done", len(grid) + len(repeats))
 

@@ -156,6 +156,12 @@ def test_repeats_use_sgd_and_the_best_lars_rate_at_both_ends():
     ]
 
 
+def test_claim_batches_are_base_32x_base_and_largest():
+    assert study.claim_batches([128, 512, 2048, 4096, 8192]) == {128, 4096, 8192}
+    assert study.claim_batches([64, 2048]) == {64, 2048}
+    assert study.claim_batches([128, 256, 512]) == {128, 512}
+
+
 def test_summary_table_reports_mean_and_sample_std_over_seeds():
     summaries = [
         _summary("sgd", 128, 0.05, 0, 0.99),
