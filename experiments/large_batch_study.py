@@ -430,6 +430,29 @@ def best_lars_lr(summaries: Iterable[dict], config: RunConfig) -> float | None:
     return max(candidates, key=lambda s: s["final_top1"])["config"]["base_lr"]
 
 
+def lars_grid_extension(
+    batch_configs: Sequence[RunConfig], summaries: list[dict]
+) -> RunConfig | None:
+    """One more LARS rate for a batch whose best grid rate lies on the grid's
+    edge: one grid step (the ratio of the two lowest rates, else 4) beyond it.
+
+    ``batch_configs`` are one batch's grid runs (all finished); None when the
+    best rate is inside the grid or there is no LARS run.
+    """
+    lars = sorted(
+        (c for c in batch_configs if c.optimizer == "lars"), key=lambda c: c.base_lr
+    )
+    if not lars:
+        return None
+    best = best_lars_lr(summaries, lars[0])
+    step = lars[1].base_lr / lars[0].base_lr if len(lars) > 1 else 4.0
+    if best == lars[0].base_lr:
+        return dataclasses.replace(lars[0], base_lr=best / step)
+    if best == lars[-1].base_lr:
+        return dataclasses.replace(lars[0], base_lr=best * step)
+    return None
+
+
 def claim_batches(batch_sizes: Iterable[int]) -> set[int]:
     """The batches the paper's claim is about: the base, 32x the base (when in
     the grid) and the largest. They run first and are repeated over seeds."""
@@ -724,17 +747,31 @@ def main(argv: list[str]) -> None:
         for config in claim_runs:
             print(f"  {'done' if done(config) else '    '} {config.run_id}")
         print(
-            f"  then seeds {list(repeat_seeds)} of batches {sorted(first)} (LARS at "
-            "its best rate), then:"
+            f"  (each batch: + one LARS rate past the grid's edge when the best is "
+            f"on it), then seeds {list(repeat_seeds)} of batches {sorted(first)} "
+            "(LARS at its best rate), then:"
         )
         for config in other_runs:
             print(f"  {'done' if done(config) else '    '} {config.run_id}")
         return
-    for config in claim_runs:
-        run_if_missing(config, FLAGS.output_dir, data_dir)
+
+    def run_batches(configs: list[RunConfig]) -> None:
+        """Each batch's grid, then its LARS grid extension if the best is on
+        an edge."""
+        for batch in sorted({c.batch_size for c in configs}):
+            batch_configs = [c for c in configs if c.batch_size == batch]
+            for config in batch_configs:
+                run_if_missing(config, FLAGS.output_dir, data_dir)
+            summaries = load_summaries(FLAGS.output_dir)
+            extension = lars_grid_extension(batch_configs, summaries)
+            if extension is not None:
+                run_if_missing(extension, FLAGS.output_dir, data_dir)
+
+    run_batches(claim_runs)
     repeats = repeat_configs(grid, load_summaries(FLAGS.output_dir), repeat_seeds)
-    for config in repeats + other_runs:
+    for config in repeats:
         run_if_missing(config, FLAGS.output_dir, data_dir)
+    run_batches(other_runs)
     logging.info("all %d runs done", len(grid) + len(repeats))
 
 

@@ -156,6 +156,34 @@ def test_repeats_use_sgd_and_the_best_lars_rate_at_both_ends():
     ]
 
 
+@pytest.mark.parametrize(
+    "best_rate, extension", [(0.25, 0.0625), (1.0, None), (4.0, 16.0)]
+)
+def test_lars_grid_extends_one_step_past_an_edge_best(best_rate, extension):
+    grid = study.grid_configs(
+        part="mnist",
+        model="small_alexnet_bn",
+        batch_sizes=[8192],
+        base_batch_size=128,
+        epochs=2,
+        warmup_epochs=1.0,
+        sgd_base_lr=0.05,
+        lars_base_lrs=[0.25, 1.0, 4.0],
+        seed=0,
+        model_params=10,
+    )
+    summaries = [
+        _summary("lars", 8192, rate, 0, 0.9 if rate == best_rate else 0.5)
+        for rate in (0.25, 1.0, 4.0)
+    ]
+    summaries.append(_summary("sgd", 8192, 0.05, 0, 0.95))  # SGD does not count.
+    config = study.lars_grid_extension(grid, summaries)
+    if extension is None:
+        assert config is None
+    else:
+        assert config == dataclasses.replace(grid[1], base_lr=extension)
+
+
 def test_claim_batches_are_base_32x_base_and_largest():
     assert study.claim_batches([128, 512, 2048, 4096, 8192]) == {128, 4096, 8192}
     assert study.claim_batches([64, 2048]) == {64, 2048}
