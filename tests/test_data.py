@@ -1,8 +1,11 @@
 """Tests of train/data.py and train/preprocessing.py on small hand-written files."""
 
 import gzip
+import json
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -357,6 +360,21 @@ def test_missing_dir_names_path_and_patterns(tmp_path):
         _input_fn(missing, split="train")()
     with pytest.raises(FileNotFoundError, match="validation-\\*-of-\\*.*" + "tmp"):
         _input_fn(str(tmp_path))()
+
+
+def test_under_mirrored_strategy():
+    """Per-replica batches, and the skip counter built inside strategy.scope()."""
+    script = os.path.join(os.path.dirname(__file__), "data_distributed_check.py")
+    result = subprocess.run(
+        [sys.executable, script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["train_image_shapes"] == [[4, 16, 16, 3], [4, 16, 16, 3]]
+    assert report["train_dtype"] == "float32"
+    # 5 records of stored label 1 and 5 of label 2, one of those corrupt.
+    assert report["eval_labels"] == [0] * 5 + [1] * 4
+    assert report["eval_skipped"] == 1
 
 
 def test_synthetic_batches():
