@@ -84,9 +84,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     )
     flags.DEFINE_enum(
         "augmentation",
-        "minimal",
+        None,
         AUGMENTATIONS,
-        "Training augmentation level (see train/preprocessing.py).",
+        "Training augmentation level (see train/preprocessing.py). Default: "
+        "minimal for photos (imagenet, tfds), none for digits (a flipped digit "
+        "is another digit) and synthetic data.",
         **fv,
     )
     flags.DEFINE_bool("cache", False, "Cache decoded examples in memory.", **fv)

@@ -43,6 +43,7 @@ from train import FlagError, data, models, optimizers
 # `--source=auto` without MNIST trains on synthetic data of MNIST's shape.
 AUTO_SYNTHETIC = data.DatasetInfo(10, 60_000, 10_000, 3)
 NATURAL_IMAGE_SIZE = {"mnist": 28, "fashion_mnist": 28}
+DEFAULT_AUGMENTATION = {"imagenet": "minimal", "tfds": "minimal"}  # Else none.
 DEFAULT_IMAGE_SIZE = 224
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
@@ -210,8 +211,9 @@ def run(
         cache=f.cache,
         deterministic=f.deterministic,
     )
+    augmentation = f.augmentation or DEFAULT_AUGMENTATION.get(source, "none")
     train_input_fn = data.make_input_fn(
-        split="train", augmentation=f.augmentation, **common
+        split="train", augmentation=augmentation, **common
     )
     eval_input_fn = data.make_input_fn(split="validation", **common)
 
@@ -291,7 +293,7 @@ def run(
             raise FloatingPointError(f"loss is {loss} at step {step}")
         if step % f.log_every_steps == 0 or step == schedule.train_steps:
             _log_train(log, summary_writers["train"], step, schedule, train_logs)
-        if schedule.eval_every and step % schedule.eval_every == 0:
+        if not f.skip_eval and schedule.eval_every and step % schedule.eval_every == 0:
             eval_logs = _evaluate(evaluate, eval_dataset, summary_writers, step, log)
         if step % schedule.checkpoint_every == 0 or step == schedule.train_steps:
             _save(manager, chief, write_dir, step)
@@ -315,6 +317,7 @@ def run(
         "flags": flag_dict if flag_dict is not None else f.flag_values_dict(),
         "source": source,
         "image_size": image_size,
+        "augmentation": augmentation,
         "num_classes": info.num_classes,
         "num_replicas": replicas,
         "steps": step,
