@@ -211,6 +211,9 @@ def preprocess_image(
     image.set_shape([None, None, channels])
     if randomize:  # On the uint8 crop: fewer bytes than the float output.
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    # Cast first: TF's bilinear resize of a float image took about 2/3 of the
+    # time of the same resize of the uint8 image here (same result).
+    image = tf.cast(image, tf.float32)
     image = tf.image.resize(image, [image_size, image_size], method="bilinear")
     if randomize and augmentation == "extended":
         image = distort_color(image / 255.0, color_seed) * 255.0
