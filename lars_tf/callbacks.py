@@ -576,16 +576,12 @@ class TrustRatioMonitor(_StepCounter):
 def _lars_flags(optimizer: LARS, model: keras.Model) -> tuple[list[bool], list[float]]:
     """Per-variable (adapted, weight decay) as the LARS optimizer decided them.
 
-    LARS decides them in `build` and keeps them in private lists (it has no
-    public accessor yet). An optimizer not built yet is built here, in the
-    model's distribution strategy, exactly as its first step would build it.
+    An optimizer not built yet is built here, in the model's distribution
+    strategy, exactly as its first step would build it.
     """
     variables = model.trainable_variables
     if not optimizer.built:
         with model.distribute_strategy.scope():
             optimizer.build(variables)
-    indices = [optimizer._get_variable_index(v) for v in variables]
-    return (
-        [optimizer._adapted[i] for i in indices],
-        [optimizer._decay_rates[i] for i in indices],
-    )
+    settings = [optimizer.variable_settings(v) for v in variables]
+    return [adapted for adapted, _ in settings], [decay for _, decay in settings]

@@ -209,6 +209,15 @@ class LARS(keras.optimizers.Optimizer):
             for v in variables
         ]
 
+    def variable_settings(self, variable) -> tuple[bool, float]:
+        """Whether `variable` is adapted, and its weight decay, as `build` set.
+
+        For tools that show what LARS does per layer, such as
+        `lars_tf.TrustRatioMonitor`. The optimizer must be built.
+        """
+        index = self._get_variable_index(variable)
+        return self._adapted[index], self._decay_rates[index]
+
     def update_step(self, gradient, variable, learning_rate):
         """Applies one LARS step to `variable`."""
         index = self._get_variable_index(variable)

@@ -167,6 +167,9 @@ def test_matches_reference(case, jit_compile):
     adapted, decays = expected_flags(variables, kwargs)
     if "exclusion" in case:  # the exclusions really select something
         assert not all(adapted) and any(adapted)
+    assert [optimizer.variable_settings(v) for v in variables] == list(
+        zip(adapted, decays)
+    )
     expected = reference_run(
         weights, grad_steps, [lr] * len(grad_steps), adapted, decays, **hyper_of(kwargs)
     )
