@@ -508,6 +508,8 @@ class InputFn:
         example_seeds = tf.data.Dataset.random(seed=seed).batch(2)
         examples = tf.data.Dataset.zip((examples, example_seeds))
 
+        # Only encoded images can fail to decode; in-memory arrays cannot.
+        skip_corrupt = is_encoded and not c["strict"]
         self._make_counters()
         read, kept = self._read, self._kept
 
@@ -556,11 +558,11 @@ class InputFn:
                 return image, tf.cast(label - low, tf.int32)
 
         examples = examples.map(
-            preprocess if c["strict"] else counted_preprocess,
+            counted_preprocess if skip_corrupt else preprocess,
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=c["deterministic"],
         )
-        if not c["strict"]:
+        if skip_corrupt:
             examples = examples.ignore_errors(log_warning=True)
         examples = examples.map(check_label)
         batches = examples.batch(batch_size, drop_remainder=training)
