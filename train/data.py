@@ -12,8 +12,15 @@ Public API::
                   cache=False, deterministic=False, strict=False,
                   crop_fraction=None, shuffle_buffer_size=10_000) -> InputFn
     InputFn(input_context=None) -> tf.data.Dataset; InputFn.skipped_records()
-    read_idx(path) -> np.ndarray
+    read_idx(path) -> np.ndarray; load_idx_split(data_dir, split)
+    list_record_files(data_dir, split) -> list[str]
     shared_data_dir() -> str
+
+Beyond the signature first agreed on (issue 7): ``make_input_fn`` also takes
+``num_classes`` (the label range check), ``crop_fraction`` and
+``shuffle_buffer_size``; ``label_offset`` defaults by source; it returns an
+``InputFn`` object, which is callable as agreed and also counts skipped records.
+``dataset_info`` also takes ``label_offset``; its ``image_size`` changes nothing.
 
 ``make_input_fn`` returns an ``InputFn``, a callable that
 ``strategy.distribute_datasets_from_function`` takes. Called with a
@@ -23,8 +30,9 @@ Public API::
 a seeded shuffle, ``repeat`` and ``drop_remainder`` for training, parallel
 interleave and map, autotuned prefetch. Without a context it is one pipeline with
 the whole global batch. Images come out as [batch, image_size, image_size,
-channels] of ``dtype`` (the mixed-precision compute dtype), normalized;
-labels as 0-based int32 [batch]. Preprocessing and the augmentation levels
+channels] of ``dtype`` (the mixed-precision compute dtype), normalized per
+channel (ImageNet mean/std; MNIST's and Fashion-MNIST's own for those) once per
+batch; labels as 0-based int32 [batch]. Preprocessing and the augmentation levels
 ("none", "minimal", "extended") are described in ``train/preprocessing.py``.
 
 Sources (``data_dir`` is the folder holding the files):
@@ -428,8 +436,8 @@ class InputFn:
     """Builds one input pipeline per call; made by ``make_input_fn``.
 
     Counts records skipped because their image did not decode, across all the
-    pipelines it built (``skipped_records``). Build it outside ``strategy.scope()``
-    so its counters are plain variables.
+    pipelines it built (``skipped_records``), in host variables that stay plain
+    even when it is called inside a ``strategy.scope()``.
     """
 
     def __init__(self, **config):
@@ -459,7 +467,7 @@ class InputFn:
             batch_size = input_context.get_per_replica_batch_size(
                 c["global_batch_size"]
             )
-        num_pipelines, pipeline_id = _pipeline(input_context)
+        _, pipeline_id = _pipeline(input_context)
         # Different pipelines must not draw the same random numbers.
         seed = None if c["seed"] is None else c["seed"] + pipeline_id
         if c["source"] == "synthetic":
