@@ -22,9 +22,11 @@ inside a `tf.function` (or, for optax, `update` + `apply_updates` under
 
 Candidates run interleaved (A B C ... A B C ...) in repeated rounds, each
 round starting at a different candidate, so that load from other processes
-hits all of them alike. The table gives each candidate's median time per step
-over rounds and its median ratio to LARS in the same round, with the 25th-75th
-percentile of those per-round ratios.
+hits all of them alike. The table gives each candidate's median wall time and
+CPU time (of the process that ran it, all threads) per step over rounds, and
+its median ratio to LARS in the same round, with the 25th-75th percentile of
+those per-round ratios. CPU time is disturbed far less than wall time by other
+processes' load; the bandwidth floor is a wall-time figure only.
 
 Scenarios, each in its own process: `float32` (the one above), `mixed_bfloat16`
 (Keras's mixed-precision policy: float32 variables and slots, gradients in the
@@ -115,32 +117,54 @@ def random_arrays(shapes, scale: float, seed: int) -> list[np.ndarray]:
     return [(rng.standard_normal(s, dtype=np.float32) * scale) for s in shapes]
 
 
-def interleave(candidates: dict, rounds: int, steps: int) -> dict[str, np.ndarray]:
-    """Seconds per step of each candidate, one entry per round.
+def interleave(
+    candidates: dict, rounds: int, steps: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Wall and CPU seconds per step of each candidate, one entry per round.
 
     `candidates` maps a name to a callable that runs `steps` steps and returns
-    when they are done. Each round starts at the next candidate, so no one
-    always runs right after the same neighbour.
+    when they are done; one that runs them in another process returns the CPU
+    seconds they took there, otherwise this process's CPU time counts. Each
+    round starts at the next candidate, so no one always runs right after the
+    same neighbour.
     """
     names = list(candidates)
-    times = {name: [] for name in names}
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
     for round_index in range(rounds):
         start = round_index % len(names)
         for name in names[start:] + names[:start]:
-            began = time.perf_counter()
-            candidates[name](steps)
-            times[name].append((time.perf_counter() - began) / steps)
-    return {name: np.array(t) for name, t in times.items()}
+            began, began_cpu = time.perf_counter(), time.process_time()
+            other_process_cpu = candidates[name](steps)
+            wall[name].append((time.perf_counter() - began) / steps)
+            used_cpu = other_process_cpu or time.process_time() - began_cpu
+            cpu[name].append(used_cpu / steps)
+    return (
+        {name: np.array(t) for name, t in wall.items()},
+        {name: np.array(t) for name, t in cpu.items()},
+    )
 
 
-def print_table(title: str, times: dict, reference: str, notes=()) -> None:
-    """Median ms per step, and the median and quartiles of per-round ratios."""
-    print(f"\n{title}")
-    print(f"{'candidate':<40} {'ms/step':>9} {'x ' + reference:>22}")
-    for name, t in times.items():
-        ratios = t / times[reference]
-        q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
-        print(f"{name:<40} {np.median(t) * 1e3:9.1f} {q50:9.3f} [{q25:.3f}-{q75:.3f}]")
+def ratio_summary(times: np.ndarray, reference: np.ndarray) -> str:
+    """Median of the per-round ratios, with their 25th and 75th percentiles."""
+    q25, q50, q75 = np.percentile(times / reference, [25, 50, 75])
+    return f"{q50:6.3f} [{q25:.3f}-{q75:.3f}]"
+
+
+def print_table(title: str, wall: dict, cpu: dict, reference: str, notes=()) -> None:
+    """Median wall and CPU ms per step, and per-round ratios to `reference`."""
+    print(f"\n{title} (ratios: x {reference}, median [25th-75th percentile])")
+    print(
+        f"{'candidate':<40} {'wall ms':>8} {'wall ratio':>21} "
+        f"{'CPU ms':>8} {'CPU ratio':>21}"
+    )
+    for name in wall:
+        row = f"{name:<40} {np.median(wall[name]) * 1e3:8.1f} "
+        row += ratio_summary(wall[name], wall[reference])
+        if name in cpu:
+            row += f" {np.median(cpu[name]) * 1e3:8.1f} "
+            row += ratio_summary(cpu[name], cpu[reference])
+        print(row)
     for note in notes:
         print(note)
 
@@ -334,9 +358,10 @@ class OptaxWorker:
             raise RuntimeError("the optax worker exited; see its error above")
         return line.strip()
 
-    def __call__(self, steps: int) -> None:
+    def __call__(self, steps: int) -> float:
+        """Runs `steps` steps; returns the CPU seconds they took."""
         self._send(str(steps))
-        self._receive()
+        return float(self._receive())
 
     def close(self) -> None:
         self.process.stdin.close()
@@ -370,10 +395,11 @@ def optax_worker() -> None:
     params, state = jax.block_until_ready(step(params, state, grads))
     print(f"jax {jax.__version__}, optax {optax.__version__}", flush=True)
     for line in sys.stdin:
+        began_cpu = time.process_time()
         for _ in range(int(line)):
             params, state = step(params, state, grads)
         jax.block_until_ready(params)
-        print("done", flush=True)
+        print(time.process_time() - began_cpu, flush=True)
 
 
 # --- scenarios ---------------------------------------------------------------
@@ -459,9 +485,11 @@ def run_scenario(scenario: str, args: argparse.Namespace) -> None:
         floors, bytes_moved = bandwidth_candidates(num_parameters)
         candidates.update(floors)
 
-    times = interleave(candidates, args.rounds, args.steps)
+    times, cpu_times = interleave(candidates, args.rounds, args.steps)
     if worker is not None:
         worker.close()
+    for name in bytes_moved:  # memory bandwidth is a wall-clock figure
+        del cpu_times[name]
     reference = next(iter(times))
     if bytes_moved:
         bandwidth = np.max(
@@ -477,7 +505,7 @@ def run_scenario(scenario: str, args: argparse.Namespace) -> None:
             f"copy kernel of each round); {reference} over the floor: "
             f"{q50:.3f} [{q25:.3f}-{q75:.3f}]"
         )
-    print_table(f"== scenario: {scenario}", times, reference, notes)
+    print_table(f"== scenario: {scenario}", times, cpu_times, reference, notes)
 
 
 def main(argv: list[str] | None = None) -> None:
