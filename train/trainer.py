@@ -265,7 +265,9 @@ def run(
     callback_list = keras.callbacks.CallbackList(list(callbacks), model=model)
     train_logs: dict[str, float] = {}
     eval_logs: dict[str, float] = {}
-    images_trained, train_seconds = 0, 0.0
+    # Throughput leaves out the first loop, which includes tracing.
+    images_trained, train_seconds, steady_images, steady_seconds = 0, 0.0, 0, 0.0
+    last_saved = start_step if latest else None  # The same on every worker.
     step = start_step
     callback_list.on_train_begin()
     while step < schedule.train_steps:
@@ -278,6 +280,9 @@ def run(
         loss, accuracy = float(loss), float(accuracy)  # Waits for the loop.
         seconds = time.time() - loop_start
         images = (stop - step) * f.global_batch_size
+        if images_trained:
+            steady_images += images
+            steady_seconds += seconds
         images_trained += images
         train_seconds += seconds
         step = stop
@@ -296,14 +301,14 @@ def run(
         if not f.skip_eval and schedule.eval_every and step % schedule.eval_every == 0:
             eval_logs = _evaluate(evaluate, eval_dataset, summary_writers, step, log)
         if step % schedule.checkpoint_every == 0 or step == schedule.train_steps:
-            _save(manager, chief, write_dir, step)
+            last_saved = _save(manager, chief, write_dir, step, last_saved)
         if step % schedule.steps_per_epoch == 0:
             epoch_logs = dict(
                 train_logs, **{f"val_{k}": v for k, v in eval_logs.items()}
             )
             callback_list.on_epoch_end(step // schedule.steps_per_epoch - 1, epoch_logs)
         if _any_worker_preempted(strategy, preemption.requested):
-            _save(manager, chief, write_dir, step)
+            _save(manager, chief, write_dir, step, last_saved)
             log(f"SIGTERM: saved a checkpoint at step {step}; exiting.")
             sys.exit(PREEMPTED_EXIT_CODE)
 
@@ -328,7 +333,11 @@ def run(
         "eval": eval_logs,
         "wall_time_sec": time.time() - wall_start,
         "train_time_sec": train_seconds,
-        "images_per_sec": images_trained / train_seconds if train_seconds else None,
+        "images_per_sec": (
+            steady_images / steady_seconds
+            if steady_seconds
+            else (images_trained / train_seconds if train_seconds else None)
+        ),
     }
     if chief:
         path = os.path.join(model_dir, "summary.json")
@@ -354,14 +363,19 @@ def _worker_temp_dir(strategy: tf.distribute.Strategy, model_dir: str) -> str:
 
 
 def _save(
-    manager: tf.train.CheckpointManager, chief: bool, write_dir: str, step: int
-) -> None:
-    """Saves a checkpoint numbered `step`, unless that one exists already."""
-    if manager.latest_checkpoint and manager.latest_checkpoint.endswith(f"-{step}"):
-        return
-    manager.save(checkpoint_number=step)
-    if not chief:
-        shutil.rmtree(write_dir, ignore_errors=True)
+    manager: tf.train.CheckpointManager,
+    chief: bool,
+    write_dir: str,
+    step: int,
+    last_saved: int | None,
+) -> int:
+    """Saves a checkpoint numbered `step` unless it was the last saved; returns
+    `step`. Every worker decides alike, since saving can be collective."""
+    if step != last_saved:
+        manager.save(checkpoint_number=step)
+        if not chief:
+            shutil.rmtree(write_dir, ignore_errors=True)
+    return step
 
 
 def _make_step_functions(
