@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -99,11 +100,13 @@ def test_default_strategy_trains_evaluates_and_writes_results(tmp_path):
 
     # The reported evaluation against one recomputed in NumPy from the final
     # checkpoint, on the same preprocessed validation images.
+    import keras
     import tensorflow as tf
 
     from train import data, models
 
     source = summary["source"]
+    keras.mixed_precision.set_global_policy("float32")  # As the run's.
     model = models.build_model(
         "small_alexnet_bn", 10, 16, 1 if source == "mnist" else 3
     )
@@ -135,8 +138,6 @@ def test_default_strategy_trains_evaluates_and_writes_results(tmp_path):
 
 def _wait_for(path: str, process: subprocess.Popen) -> None:
     """Polls until `path` exists; fails if the process ends or time runs out."""
-    import time
-
     deadline = time.monotonic() + TIMEOUT
     while not os.path.exists(path):
         assert process.poll() is None, "the run ended before its checkpoint"
