@@ -604,7 +604,8 @@ def plot_accuracy_vs_batch(summaries: Sequence[dict], seed: int, path: str) -> N
     ax.set_xlabel("batch size")
     ax.set_ylabel("final test top-1 (%)")
     part = summaries[0]["config"]["part"] if summaries else ""
-    ax.set_title(f"{part}: accuracy vs batch size (same epochs)")
+    label = setting_label(config_of(summaries[0])) if summaries else ""
+    ax.set_title(f"{part} {label}: accuracy vs batch size", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -651,27 +652,50 @@ def plot_accuracy_vs_epoch(summaries: Sequence[dict], seed: int, path: str) -> N
     plt.close(fig)
 
 
+def setting_label(config: RunConfig) -> str:
+    """What runs must share to be compared in one table: everything but the
+    optimizer, batch, rate and seed (e.g. ``small_alexnet_bn_e3_w1``)."""
+    label = f"{config.model}_e{config.epochs}_w{config.warmup_epochs:g}"
+    if config.trust_coefficient != 0.001:
+        label += f"_eta{config.trust_coefficient:g}"
+    if config.momentum != 0.9:
+        label += f"_m{config.momentum:g}"
+    if config.base_batch_size != PART_SETTINGS[config.part].base_batch_size:
+        label += f"_base{config.base_batch_size}"
+    if config.train_examples or config.eval_examples:
+        label += f"_n{config.train_examples}-{config.eval_examples}"
+    return label
+
+
 def write_report(output_dir: str, report_dir: str, part: str, seed: int) -> str:
-    """Writes ``<part>.md`` and two PNGs into ``report_dir``; returns the markdown."""
+    """Writes ``<part>.md`` and, per setting (``setting_label``), two PNGs
+    ``<part>_<setting>_*.png`` into ``report_dir``; returns the markdown."""
     summaries = [s for s in load_summaries(output_dir) if s["config"]["part"] == part]
     if not summaries:
         raise FileNotFoundError(f"no {part} runs in {output_dir}/runs")
     os.makedirs(report_dir, exist_ok=True)
-    plot_accuracy_vs_batch(
-        summaries, seed, os.path.join(report_dir, f"{part}_accuracy_vs_batch.png")
-    )
-    plot_accuracy_vs_epoch(
-        summaries, seed, os.path.join(report_dir, f"{part}_largest_batch_curves.png")
-    )
-    markdown = "\n\n".join(
-        [
-            f"## {part}: summary (seed {seed} picks the LARS rate; ± is the sample "
-            "std over seeds)",
-            summary_table(summaries, seed),
-            f"## {part}: every run ({len(summaries)} finished)",
-            runs_table(summaries),
+    groups = {}
+    for summary in summaries:
+        groups.setdefault(setting_label(config_of(summary)), []).append(summary)
+    sections = []
+    for label, group in sorted(groups.items()):
+        name = f"{part}_{label}"
+        plot_accuracy_vs_batch(
+            group, seed, os.path.join(report_dir, f"{name}_accuracy_vs_batch.png")
+        )
+        plot_accuracy_vs_epoch(
+            group, seed, os.path.join(report_dir, f"{name}_largest_batch_curves.png")
+        )
+        sections += [
+            f"## {name}: summary (seed {seed} picks the LARS rate; ± is the "
+            "sample std over seeds)",
+            summary_table(group, seed),
+            f"Plots: `{name}_accuracy_vs_batch.png`, "
+            f"`{name}_largest_batch_curves.png`.",
+            f"## {name}: every run ({len(group)} finished)",
+            runs_table(group),
         ]
-    )
+    markdown = "\n\n".join(sections)
     with open(os.path.join(report_dir, f"{part}.md"), "w") as f:
         f.write(markdown + "\n")
     return markdown

@@ -12,11 +12,20 @@ from train import data
 MNIST_DIR = os.path.join(data.shared_data_dir(), "mnist")
 
 
-def _summary(optimizer, batch, base_lr, seed, final, curve=None, diverged=False):
+def _summary(
+    optimizer,
+    batch,
+    base_lr,
+    seed,
+    final,
+    curve=None,
+    diverged=False,
+    model="small_alexnet_bn",
+):
     """A run summary as train_one writes it, with made-up accuracies."""
     config = study.RunConfig(
         part="mnist",
-        model="small_alexnet_bn",
+        model=model,
         optimizer=optimizer,
         batch_size=batch,
         base_lr=base_lr,
@@ -217,13 +226,17 @@ def test_report_writes_markdown_and_two_pngs(tmp_path):
         _summary("lars", 128, 1.0, 0, 0.985),
         _summary("sgd", 4096, 0.05, 0, 0.60),
         _summary("lars", 4096, 1.0, 0, 0.98),
+        _summary("sgd", 4096, 0.05, 0, 0.30, model="small_alexnet"),
     ]:
         (runs / f"{summary['run_id']}.json").write_text(json.dumps(summary))
     report_dir = tmp_path / "results"
     markdown = study.write_report(
         str(tmp_path / "study"), str(report_dir), "mnist", seed=0
     )
-    assert "| 4096 | 0.05 | 60.00 | 1 | 98.00 | 1/1 |" in markdown
+    bn, no_bn = markdown.split("## mnist_small_alexnet_e2_w1: summary")
+    assert "| 4096 | 0.05 | 60.00 | 1 | 98.00 | 1/1 |" in bn  # Without the no-BN run.
+    assert "| 4096 | 0.05 | 30.00 | — | — | 1/0 |" in no_bn
     assert (report_dir / "mnist.md").read_text() == markdown + "\n"
-    for name in ("mnist_accuracy_vs_batch.png", "mnist_largest_batch_curves.png"):
-        assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in ("accuracy_vs_batch", "largest_batch_curves"):
+        path = report_dir / f"mnist_small_alexnet_bn_e2_w1_{plot}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
