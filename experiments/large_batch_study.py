@@ -119,54 +119,59 @@ def default_part_data_dir(part: str, shared_data_dir: str) -> str | None:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("part", "mnist", PARTS, "Which part of the study to run.")
-flags.DEFINE_string(
-    "output_dir",
-    os.path.join(REPO_ROOT, "runs", "study"),
-    "Folder of the per-run JSON summaries (runs/<run_id>.json); git-ignored.",
-)
-flags.DEFINE_string(
-    "data_dir",
-    None,
-    "Folder holding mnist/; default $LARS_TF_DATA_DIR, else ../shared/data.",
-)
-flags.DEFINE_string(
-    "part_data_dir",
-    None,
-    "The part's own data folder; default <data_dir>/mnist, "
-    "runs/imagenette_records for Imagenette, TFDS's data dir for tfds_*.",
-)
-flags.DEFINE_string("model", "small_alexnet_bn", "train.models model name.")
-flags.DEFINE_list("batch_sizes", None, "Batch sizes; default per part.")
-flags.DEFINE_integer(
-    "base_batch_size", None, "Batch the base rates refer to; default per part."
-)
-flags.DEFINE_integer("epochs", None, "Epochs of every run; default per part.")
-flags.DEFINE_float("warmup_epochs", None, "Linear warm-up; default per part.")
-flags.DEFINE_float("sgd_base_lr", None, "SGD rate at the base batch.")
-flags.DEFINE_list("lars_base_lrs", None, "LARS base rates tried at every batch.")
-flags.DEFINE_float("momentum", 0.9, "Momentum of both optimizers.")
-flags.DEFINE_float("trust_coefficient", 0.001, "LARS trust coefficient (eta).")
-flags.DEFINE_integer("seed", 0, "Seed of the grid.")
-flags.DEFINE_list(
-    "repeat_seeds",
-    None,
-    "Extra seeds for the base, 32x-base and largest batch (LARS at its best "
-    "rate); default per part.",
-)
-flags.DEFINE_integer(
-    "train_examples", None, "Train on this many examples per epoch (smoke runs)."
-)
-flags.DEFINE_integer(
-    "eval_examples", None, "Evaluate on this many test examples (smoke runs)."
-)
-flags.DEFINE_bool("dry_run", False, "Print the pending runs and exit.")
-flags.DEFINE_bool("report", False, "Rebuild tables and plots from the JSONs only.")
-flags.DEFINE_string(
-    "report_dir",
-    os.path.join(REPO_ROOT, "experiments", "results"),
-    "Where --report writes <part>.md and the PNG plots.",
-)
+
+
+def define_flags() -> None:
+    """Defines the script's flags on absl's global FLAGS; called only when it runs
+    as a script, so importing the module (tests) leaves FLAGS to train.main."""
+    flags.DEFINE_enum("part", "mnist", PARTS, "Which part of the study to run.")
+    flags.DEFINE_string(
+        "output_dir",
+        os.path.join(REPO_ROOT, "runs", "study"),
+        "Folder of the per-run JSON summaries (runs/<run_id>.json); git-ignored.",
+    )
+    flags.DEFINE_string(
+        "data_dir",
+        None,
+        "Folder holding mnist/; default $LARS_TF_DATA_DIR, else ../shared/data.",
+    )
+    flags.DEFINE_string(
+        "part_data_dir",
+        None,
+        "The part's own data folder; default <data_dir>/mnist, "
+        "runs/imagenette_records for Imagenette, TFDS's data dir for tfds_*.",
+    )
+    flags.DEFINE_string("model", "small_alexnet_bn", "train.models model name.")
+    flags.DEFINE_list("batch_sizes", None, "Batch sizes; default per part.")
+    flags.DEFINE_integer(
+        "base_batch_size", None, "Batch the base rates refer to; default per part."
+    )
+    flags.DEFINE_integer("epochs", None, "Epochs of every run; default per part.")
+    flags.DEFINE_float("warmup_epochs", None, "Linear warm-up; default per part.")
+    flags.DEFINE_float("sgd_base_lr", None, "SGD rate at the base batch.")
+    flags.DEFINE_list("lars_base_lrs", None, "LARS base rates tried at every batch.")
+    flags.DEFINE_float("momentum", 0.9, "Momentum of both optimizers.")
+    flags.DEFINE_float("trust_coefficient", 0.001, "LARS trust coefficient (eta).")
+    flags.DEFINE_integer("seed", 0, "Seed of the grid.")
+    flags.DEFINE_list(
+        "repeat_seeds",
+        None,
+        "Extra seeds for the base, 32x-base and largest batch (LARS at its best "
+        "rate); default per part.",
+    )
+    flags.DEFINE_integer(
+        "train_examples", None, "Train on this many examples per epoch (smoke runs)."
+    )
+    flags.DEFINE_integer(
+        "eval_examples", None, "Evaluate on this many test examples (smoke runs)."
+    )
+    flags.DEFINE_bool("dry_run", False, "Print the pending runs and exit.")
+    flags.DEFINE_bool("report", False, "Rebuild tables and plots from the JSONs only.")
+    flags.DEFINE_string(
+        "report_dir",
+        os.path.join(REPO_ROOT, "experiments", "results"),
+        "Where --report writes <part>.md and the PNG plots.",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -800,4 +805,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     sys.exit(app.run(main))
