@@ -1,0 +1,17 @@
+#!/bin/sh
+# Every stage of the large-batch study (STUDY.md), in order. Each stage skips the
+# runs it finished before, so rerunning this script after an interruption resumes
+# where it stopped:  nohup sh experiments/study_queue.sh > study.log 2>&1 &
+set -e
+cd "$(dirname "$0")/.."
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+study="python -m experiments.large_batch_study"
+
+# 1. The MNIST grid with the BN net (128 ... 8192, 3 epochs, 3 seeds at the ends).
+$study
+# 2. Is the BN net's result a matter of too few steps? Base and 32x batch, 10 epochs.
+$study --epochs=10 --warmup_epochs=2 --batch_sizes=128,4096 --repeat_seeds=
+# 3. The same grid without BN.
+$study --model=small_alexnet
+# 4. Imagenette at 64x64 (needs runs/imagenette_records: STUDY.md, "Commands").
+$study --part=imagenette
