@@ -585,34 +585,42 @@ def plot_accuracy_vs_batch(summaries: Sequence[dict], seed: int, path: str) -> N
 
     chosen = best_per_batch(summaries, seed)
     stats = seed_statistics(summaries, chosen)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for optimizer, label in (
-        ("sgd", "SGD + warm-up (linear scaling)"),
-        ("lars", "LARS (best base LR)"),
-    ):
-        batches = sorted(b for b, o in stats if o == optimizer)
-        means = [100 * stats[(b, optimizer)][0] for b in batches]
-        spreads = [100 * stats[(b, optimizer)][1] for b in batches]
-        ax.errorbar(batches, means, yerr=spreads, marker="o", capsize=3, label=label)
-    ax.set_xscale("log", base=2)
     all_batches = sorted({b for b, _ in stats})
-    ax.set_xticks(all_batches, [str(b) for b in all_batches])
-    ax.minorticks_off()
     base_sgd = (min(all_batches), "sgd")
-    if base_sgd in stats:  # The claim: within 1 point of the base batch.
-        ax.axhline(
-            100 * stats[base_sgd][0] - 1.0,
-            color="gray",
-            linestyle="--",
-            label="base-batch SGD - 1 point",
-        )
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("final test top-1 (%)")
+    # Left: the whole range (divergence); right: zoomed on the base accuracy.
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax in axes:
+        for optimizer, label in (
+            ("sgd", "SGD + warm-up (linear scaling)"),
+            ("lars", "LARS (best base LR)"),
+        ):
+            batches = sorted(b for b, o in stats if o == optimizer)
+            means = [100 * stats[(b, optimizer)][0] for b in batches]
+            spreads = [100 * stats[(b, optimizer)][1] for b in batches]
+            ax.errorbar(
+                batches, means, yerr=spreads, marker="o", capsize=3, label=label
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_batches, [str(b) for b in all_batches])
+        ax.minorticks_off()
+        if base_sgd in stats:  # The claim: within 1 point of the base batch.
+            ax.axhline(
+                100 * stats[base_sgd][0] - 1.0,
+                color="gray",
+                linestyle="--",
+                label="base-batch SGD - 1 point",
+            )
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("final test top-1 (%)")
+        ax.grid(True, alpha=0.3)
+    if base_sgd in stats:
+        base = 100 * stats[base_sgd][0]
+        axes[1].set_ylim(base - 4.0, min(100.0, base + 1.0))
+        axes[1].set_title("zoom: base accuracy - 4 points and up", fontsize=10)
     part = summaries[0]["config"]["part"] if summaries else ""
     label = setting_label(config_of(summaries[0])) if summaries else ""
-    ax.set_title(f"{part} {label}: accuracy vs batch size", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    axes[0].set_title(f"{part} {label}: accuracy vs batch size", fontsize=10)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
