@@ -40,7 +40,8 @@ dependency of lars_tf):
     python -m venv /tmp/bench-venv
     /tmp/bench-venv/bin/pip install jax optax numpy
 
-Run (a few minutes on a 2-core CPU):
+Run (about 10 minutes on a loaded 2-core CPU; `--scenarios=float32` alone
+about 3):
 
     python benchmarks/optimizer_step.py --jax_python=/tmp/bench-venv/bin/python
 

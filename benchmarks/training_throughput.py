@@ -24,7 +24,7 @@ Imagenette records (converted once by `benchmarks/input_pipeline.py`'s
 the model's steps; the smaller rate bounds training (when both run, they
 share the cores).
 
-Run (about 10 minutes on a 2-core CPU; fewer rounds or `--models` for less):
+Run (about 3 minutes on a 2-core CPU; fewer rounds or `--models` for less):
 
     python benchmarks/training_throughput.py
 """
