@@ -44,6 +44,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("mnist", "imagenette", "tfds_mnist", "tfds_fashion_mnist", "tfds_cifar10")
 OPTIMIZERS = ("sgd", "lars")
 EVAL_BATCH_SIZE = 1000
+# Training examples whose statistics --precise_bn averages (whole batches).
+PRECISE_BN_EXAMPLES = 4096
 # A run whose final test top-1 is at most this multiple of chance learned nothing.
 DIVERGED_CHANCE_MULTIPLE = 2.0
 
@@ -165,6 +167,12 @@ def define_flags() -> None:
     flags.DEFINE_integer(
         "eval_examples", None, "Evaluate on this many test examples (smoke runs)."
     )
+    flags.DEFINE_bool(
+        "precise_bn",
+        False,
+        "Test with BN statistics recomputed on training batches after training "
+        "(the moving averages' result is kept as final_top1_moving_bn).",
+    )
     flags.DEFINE_bool("dry_run", False, "Print the pending runs and exit.")
     flags.DEFINE_bool("report", False, "Rebuild tables and plots from the JSONs only.")
     flags.DEFINE_string(
@@ -194,6 +202,10 @@ class RunConfig:
     trust_coefficient: float = 0.001
     train_examples: int | None = None
     eval_examples: int | None = None
+    # Test with BN statistics recomputed on training data after training
+    # ("precise BN"), instead of the moving averages, which lag behind when a
+    # large batch gives only a few dozen steps.
+    precise_bn: bool = False
 
     @property
     def run_id(self) -> str:
@@ -206,6 +218,8 @@ class RunConfig:
             run_id += f"_eta{self.trust_coefficient:g}"
         if self.train_examples or self.eval_examples:
             run_id += f"_n{self.train_examples}-{self.eval_examples}"
+        if self.precise_bn:
+            run_id += "_pbn"
         return run_id
 
     @property
@@ -339,6 +353,14 @@ def train_one(config: RunConfig, data_dir: str | None) -> dict:
         )
     else:
         final_top1 = test_top1[-1]
+    moving_bn_top1 = None
+    if config.precise_bn and not loss_not_finite:
+        moving_bn_top1 = final_top1
+        batches = -(-PRECISE_BN_EXAMPLES // config.batch_size)
+        recompute_bn_statistics(model, train_data, batches)
+        final_top1 = float(
+            model.evaluate(eval_data, verbose=0, return_dict=True)["top1"]
+        )
     chance = 1.0 / info.num_classes
     return {
         "run_id": config.run_id,
@@ -349,12 +371,42 @@ def train_one(config: RunConfig, data_dir: str | None) -> dict:
         "test_top1_per_epoch": test_top1,
         "train_loss_per_epoch": train_loss,
         "final_top1": final_top1,
+        "final_top1_moving_bn": moving_bn_top1,  # With --precise_bn only.
         "best_top1": max(test_top1 + [final_top1]),
         "diverged": loss_not_finite or final_top1 <= DIVERGED_CHANCE_MULTIPLE * chance,
         "loss_not_finite": loss_not_finite,
         "wall_time_s": wall_time,
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def recompute_bn_statistics(model, train_data, batches: int) -> None:
+    """Sets every BatchNormalization layer's moving mean and variance to the
+    average over ``batches`` training batches of the batch statistics, computed
+    with the final weights (a training-mode forward pass with momentum 0 per
+    batch; the weights do not change)."""
+    import keras
+
+    layers = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    if not layers:
+        return
+    momenta = [layer.momentum for layer in layers]
+    sums = [[0.0, 0.0] for _ in layers]
+    for images, _ in train_data.take(batches):
+        for layer in layers:
+            layer.momentum = 0.0
+        model(images, training=True)
+        for total, layer in zip(sums, layers, strict=True):
+            total[0] += layer.moving_mean.numpy()
+            total[1] += layer.moving_variance.numpy()
+    for total, layer, momentum in zip(sums, layers, momenta, strict=True):
+        layer.moving_mean.assign(total[0] / batches)
+        layer.moving_variance.assign(total[1] / batches)
+        layer.momentum = momentum
 
 
 def run_if_missing(config: RunConfig, output_dir: str, data_dir: str | None) -> bool:
@@ -500,11 +552,16 @@ def _percent(value: float) -> str:
 
 
 def runs_table(summaries: Sequence[dict]) -> str:
-    """Markdown: one row per run, sorted by batch, optimizer, rate, seed."""
+    """Markdown: one row per run, sorted by batch, optimizer, rate, seed. Runs
+    with --precise_bn get a column for the moving averages' top-1."""
+    precise = any(s.get("final_top1_moving_bn") is not None for s in summaries)
+    moving_header = " top-1 with moving BN (%) |" if precise else ""
     rows = [
         "| batch | optimizer | base LR | peak LR | warm-up (epochs) | seed "
-        "| final top-1 (%) | best top-1 (%) | diverged? | wall (s) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        f"| final top-1 (%) |{moving_header} best top-1 (%) | diverged? | wall (s) |",
+        "|---:|---|---:|---:|---:|---:|---:|"
+        + ("---:|" if precise else "")
+        + "---:|---|---:|",
     ]
     key = lambda s: (  # noqa: E731
         s["config"]["batch_size"],
@@ -514,10 +571,14 @@ def runs_table(summaries: Sequence[dict]) -> str:
     )
     for s in sorted(summaries, key=key):
         c = s["config"]
+        moving = ""
+        if precise:
+            value = s.get("final_top1_moving_bn")
+            moving = f" {'—' if value is None else _percent(value)} |"
         rows.append(
             f"| {c['batch_size']} | {c['optimizer'].upper()} | {c['base_lr']:g} "
             f"| {s['peak_lr']:g} | {c['warmup_epochs']:g} | {c['seed']} "
-            f"| {_percent(s['final_top1'])} | {_percent(s['best_top1'])} "
+            f"| {_percent(s['final_top1'])} |{moving} {_percent(s['best_top1'])} "
             f"| {'yes' if s['diverged'] else 'no'} | {s['wall_time_s']:.0f} |"
         )
     return "\n".join(rows)
@@ -677,6 +738,8 @@ def setting_label(config: RunConfig) -> str:
         label += f"_base{config.base_batch_size}"
     if config.train_examples or config.eval_examples:
         label += f"_n{config.train_examples}-{config.eval_examples}"
+    if config.precise_bn:
+        label += "_pbn"
     return label
 
 
@@ -771,6 +834,7 @@ def main(argv: list[str]) -> None:
         trust_coefficient=FLAGS.trust_coefficient,
         train_examples=FLAGS.train_examples,
         eval_examples=FLAGS.eval_examples,
+        precise_bn=FLAGS.precise_bn,
     )
     repeat_seeds = _part_value("repeat_seeds", settings, int)
     # The claim's batches first, with their repeats, so that a grid cut short

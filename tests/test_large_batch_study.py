@@ -65,6 +65,7 @@ def test_tiny_run_writes_its_summary_and_a_rerun_skips_it(tmp_path, monkeypatch)
         seed=0,
         train_examples=128,
         eval_examples=100,
+        precise_bn=True,
     )
     assert study.run_if_missing(config, str(tmp_path), MNIST_DIR)
 
@@ -75,7 +76,9 @@ def test_tiny_run_writes_its_summary_and_a_rerun_skips_it(tmp_path, monkeypatch)
     assert summary["train_steps"] == 4
     assert summary["peak_lr"] == pytest.approx(0.5)  # 1.0 * 64 / 128
     assert len(summary["test_top1_per_epoch"]) == 2
-    assert summary["final_top1"] == summary["test_top1_per_epoch"][-1]
+    # The last epoch's test used the moving averages; final_top1 the recomputed BN.
+    assert summary["final_top1_moving_bn"] == summary["test_top1_per_epoch"][-1]
+    assert config.run_id.endswith("_pbn")
     assert 0.0 <= summary["final_top1"] <= summary["best_top1"] <= 1.0
     assert isinstance(summary["diverged"], bool)
     assert summary["wall_time_s"] > 0
@@ -129,6 +132,30 @@ def test_tfds_part_trains_on_mock_mnist(tfds_mnist_metadata_dir, tmp_path):
     assert summary["run_id"].startswith("tfds_mnist_small_alexnet_bn_sgd_b4_")
     assert summary["steps_per_epoch"] == 3  # 12 mock examples // batch 4
     assert len(summary["test_top1_per_epoch"]) == 1
+
+
+def test_recomputed_bn_statistics_average_the_batch_statistics():
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    inputs = keras.Input((3,))
+    outputs = keras.layers.BatchNormalization(momentum=0.9)(inputs)
+    model = keras.Model(inputs, outputs)
+    batches = np.random.default_rng(0).normal(2.0, 3.0, (2, 16, 3))
+    train_data = tf.data.Dataset.from_tensor_slices(
+        (batches.astype("float32"), np.zeros((2, 16)))
+    )
+    study.recompute_bn_statistics(model, train_data, batches=2)
+
+    layer = model.layers[-1]
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), batches.mean(axis=1).mean(axis=0), rtol=1e-5
+    )
+    np.testing.assert_allclose(  # Keras's batch variance is the biased one.
+        layer.moving_variance.numpy(), batches.var(axis=1).mean(axis=0), rtol=1e-4
+    )
+    assert layer.momentum == 0.9  # Restored.
 
 
 def test_repeats_use_sgd_and_the_best_lars_rate_at_both_ends():
