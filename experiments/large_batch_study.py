@@ -526,13 +526,16 @@ def repeat_configs(
     repeated = claim_batches(c.batch_size for c in grid)
     configs = []
     for seed in repeat_seeds:
-        for config in grid:
-            if config.batch_size not in repeated:
-                continue
-            if config.optimizer == "sgd":
-                configs.append(dataclasses.replace(config, seed=seed))
-            elif config.base_lr == best_lars_lr(summaries, config):
-                configs.append(dataclasses.replace(config, seed=seed))
+        for batch in sorted(repeated):
+            at_batch = [c for c in grid if c.batch_size == batch]
+            for config in at_batch:
+                if config.optimizer == "sgd":
+                    configs.append(dataclasses.replace(config, seed=seed))
+            lars = [c for c in at_batch if c.optimizer == "lars"]
+            # The best rate may be a grid extension (lars_grid_extension).
+            best = best_lars_lr(summaries, lars[0]) if lars else None
+            if best is not None:
+                configs.append(dataclasses.replace(lars[0], base_lr=best, seed=seed))
     return configs
 
 

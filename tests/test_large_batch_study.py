@@ -177,17 +177,18 @@ def test_repeats_use_sgd_and_the_best_lars_rate_at_both_ends():
         _summary("lars", 128, 2.0, 0, 0.99),
         _summary("lars", 4096, 0.5, 0, 0.95),
         _summary("lars", 4096, 2.0, 0, 0.90),
+        _summary("lars", 4096, 0.125, 0, 0.96),  # A grid extension, the best.
     ]
     repeats = study.repeat_configs(grid, summaries, [1, 2])
     picked = sorted((c.seed, c.batch_size, c.optimizer, c.base_lr) for c in repeats)
     assert picked == [
         (1, 128, "lars", 2.0),
         (1, 128, "sgd", 0.05),
-        (1, 4096, "lars", 0.5),
+        (1, 4096, "lars", 0.125),
         (1, 4096, "sgd", 0.05),
         (2, 128, "lars", 2.0),
         (2, 128, "sgd", 0.05),
-        (2, 4096, "lars", 0.5),
+        (2, 4096, "lars", 0.125),
         (2, 4096, "sgd", 0.05),
     ]
 
