@@ -262,19 +262,28 @@ def convert(
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("train_dir", None, "Class folders of the training images.")
-flags.DEFINE_string("validation_dir", None, "Class folders of the validation images.")
-flags.DEFINE_string("output_dir", None, "Where the TFRecord shards go.")
-flags.DEFINE_enum("labels", "dense", LABEL_MODES, "dense 1..K or ImageNet 1..1000.")
-flags.DEFINE_string(
-    "synsets_file", None, "Sorted ImageNet synsets (default: tensorflow-datasets')."
-)
-flags.DEFINE_integer("train_shards", 16, "Number of training files.")
-flags.DEFINE_integer("validation_shards", 4, "Number of validation files.")
-flags.DEFINE_string("bbox_csv", None, "Boxes: filename,xmin,ymin,xmax,ymax in [0,1].")
-flags.DEFINE_integer("max_per_class", None, "Keep at most this many per class.")
-flags.DEFINE_list("classes", None, "Convert only these class folders.")
-flags.DEFINE_integer("seed", 0, "Seed of the shuffle before sharding.")
+
+
+def define_flags() -> None:
+    """The command line's flags; defined only when run as a script, so that
+    importing this module beside train.main (one test process) is safe."""
+    flags.DEFINE_string("train_dir", None, "Class folders of the training images.")
+    flags.DEFINE_string(
+        "validation_dir", None, "Class folders of the validation images."
+    )
+    flags.DEFINE_string("output_dir", None, "Where the TFRecord shards go.")
+    flags.DEFINE_enum("labels", "dense", LABEL_MODES, "dense 1..K or ImageNet 1..1000.")
+    flags.DEFINE_string(
+        "synsets_file", None, "Sorted ImageNet synsets (default: tensorflow-datasets')."
+    )
+    flags.DEFINE_integer("train_shards", 16, "Number of training files.")
+    flags.DEFINE_integer("validation_shards", 4, "Number of validation files.")
+    flags.DEFINE_string(
+        "bbox_csv", None, "Boxes: filename,xmin,ymin,xmax,ymax in [0,1]."
+    )
+    flags.DEFINE_integer("max_per_class", None, "Keep at most this many per class.")
+    flags.DEFINE_list("classes", None, "Convert only these class folders.")
+    flags.DEFINE_integer("seed", 0, "Seed of the shuffle before sharding.")
 
 
 def main(argv: list[str]) -> None:
@@ -299,4 +308,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
