@@ -1,4 +1,4 @@
-"""Prints the LARS paper's Table 2 for a fresh model: python -m lars_tf.table2
+"""Prints the LARS paper's Table 2 for a fresh model: python -m train.table2
 
 Table 2 of You, Gitman & Ginsburg (2017) lists, for AlexNet-BN at iteration 1,
 each layer's ||w||, ||∇w|| and their ratio, which spans orders of magnitude
@@ -7,8 +7,8 @@ and too small for others. This measures the same on one batch of the training
 app's synthetic data (random images and labels), with `TrustRatioMonitor`, and
 adds the learning rate LARS gives each variable.
 
-It uses the training app's models and input pipeline (`train.models`,
-`train.data`), which are installed with this package.
+It lives in the app, not in `lars_tf`, because it uses the app's models and
+input pipeline (`train.models`, `train.data`); the library depends on neither.
 """
 
 from absl import app, flags
