@@ -87,10 +87,24 @@ def _read_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
 
 def test_default_strategy_trains_evaluates_and_writes_results(tmp_path):
     model_dir = tmp_path / "run"
-    summary, stdout = _run(model_dir, "--train_steps=30")
+    summary, stdout = _run(
+        model_dir, "--train_steps=30", "--trust_ratio_every_steps=10"
+    )
     _assert_finite(summary)
     assert summary["steps"] == 30 and summary["num_replicas"] == 1
     assert "images/s" in stdout and f"Results in {model_dir}" in stdout
+    # The trust-ratio monitor: measured at the start and every 10 steps,
+    # written to TensorBoard, and its last Table 2 printed.
+    assert "Trust ratios at step 30:" in stdout and "||w||/||∇w||" in stdout
+    import tensorflow as tf
+
+    ratio_steps = set()
+    for name in os.listdir(model_dir / "trust_ratio"):
+        path = os.path.join(model_dir / "trust_ratio", name)
+        for event in tf.compat.v1.train.summary_iterator(path):
+            if any(v.tag == "trust_ratio/ratio/conv1.w" for v in event.summary.value):
+                ratio_steps.add(event.step)
+    assert sorted(ratio_steps) == [0, 10, 20, 30]
     train = _read_scalars(str(model_dir / "train"))
     assert [step for step, _ in train["loss"]] == [10, 20, 30]
     assert train["loss"][-1][1] == pytest.approx(summary["train"]["loss"], rel=1e-6)

@@ -203,6 +203,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
         **fv,
     )
     flags.DEFINE_integer("log_every_steps", 10, "Interval of progress lines.", **fv)
+    flags.DEFINE_integer(
+        "trust_ratio_every_steps",
+        0,
+        "Every this many steps, record each layer's ||w||, ||g||, ratio and LARS "
+        "rate on a probe batch (lars_tf.TrustRatioMonitor) to <model_dir>/"
+        "trust_ratio, and print the paper's Table 2 at the end; 0: off, no cost.",
+        **fv,
+    )
     return [name for name in flag_values if name not in names_before]
 
 

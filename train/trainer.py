@@ -38,6 +38,7 @@ import tensorflow as tf
 from absl import flags
 from tensorflow.core.framework import summary_pb2
 
+import lars_tf
 from train import FlagError, data, models, optimizers
 
 # `--source=auto` without MNIST trains on synthetic data of MNIST's shape.
@@ -224,6 +225,9 @@ def run(
             f, schedule.steps_per_epoch, schedule.train_steps
         )
         optimizer = optimizers.build_optimizer(f, learning_rate, model)
+        # Where compile() would put it: Keras callbacks (LearningRateWarmup,
+        # TrustRatioMonitor, ...) look for the optimizer there.
+        model.optimizer = optimizer
         step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         checkpoint = tf.train.Checkpoint(
             model=model, optimizer=optimizer, step=step_counter
@@ -262,7 +266,11 @@ def run(
         else tf.summary.create_noop_writer()
         for name in ("train", "eval")
     }
-    callback_list = keras.callbacks.CallbackList(list(callbacks), model=model)
+    callbacks = list(callbacks)
+    if f.trust_ratio_every_steps:
+        monitor = _trust_ratio_monitor(f, train_input_fn, model_dir if chief else None)
+        callbacks.append(monitor)
+    callback_list = keras.callbacks.CallbackList(callbacks, model=model)
     train_logs: dict[str, float] = {}
     eval_logs: dict[str, float] = {}
     # Throughput leaves out the first loop, which includes tracing.
@@ -317,6 +325,9 @@ def run(
     ):
         eval_logs = _evaluate(evaluate, eval_dataset, summary_writers, step, log)
     callback_list.on_train_end(dict(train_logs, **eval_logs))
+    if f.trust_ratio_every_steps and monitor.history:
+        log(f"Trust ratios at step {monitor.history[-1][0]}:")
+        log(monitor.format_table())
     summary = {
         "model_dir": os.path.abspath(model_dir),
         "flags": flag_dict if flag_dict is not None else f.flag_values_dict(),
@@ -348,6 +359,25 @@ def run(
             f"summary.json, checkpoints; `tensorboard --logdir {model_dir}`."
         )
     return summary
+
+
+def _trust_ratio_monitor(
+    f: flags.FlagValues, train_input_fn, model_dir: str | None
+) -> lars_tf.TrustRatioMonitor:
+    """The monitor on one probe batch of training data (at most 256 images).
+
+    It runs on every worker, on its own copy of the variables (no collectives);
+    only the chief, given `model_dir`, writes summaries.
+    """
+    probe = next(iter(train_input_fn(None).unbatch().batch(256).take(1)))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return lars_tf.TrustRatioMonitor(
+        probe_batch=probe,
+        every_n_steps=f.trust_ratio_every_steps,
+        loss_fn=lambda labels, logits: loss(labels, tf.cast(logits, tf.float32)),
+        log_dir=os.path.join(model_dir, "trust_ratio") if model_dir else None,
+        measure_at_start=True,
+    )
 
 
 def _worker_temp_dir(strategy: tf.distribute.Strategy, model_dir: str) -> str:
