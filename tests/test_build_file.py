@@ -59,6 +59,7 @@ def evaluate_build(build_file: Path) -> dict[str, Target]:
     namespace = {
         "glob": lambda *args, **kwargs: _glob(build_file.parent, *args, **kwargs),
         "package": lambda **_: None,
+        "filegroup": rule("filegroup"),  # native: needs no load()
     }
 
     def load(_label: str, *names: str, **aliases: str) -> None:
