@@ -272,14 +272,18 @@ def test_mirrored_and_multi_worker_agree(tmp_path):
     _assert_finite(multi_worker)
     if not HAVE_MNIST:
         pytest.skip(f"no MNIST under {MNIST_DIR}: compared only finiteness")
-    # Each worker reads its own shard in its own shuffled order, so the two runs
-    # see different batches: equal in distribution, not bit for bit. Both must
-    # learn (chance is 10%) and land close together.
-    for summary in (mirrored, multi_worker):
-        assert summary["eval"]["top1"] > 0.5, summary["eval"]
-    assert multi_worker["eval"]["top1"] == pytest.approx(
-        mirrored["eval"]["top1"], abs=0.05
-    )
+    # With --deterministic both train on the same batches at every step (see
+    # train/data.py): the training figures agree to float precision.
+    assert mirrored["eval"]["top1"] > 0.5, mirrored["eval"]  # It learned.
+    for key in ("loss", "accuracy"):
+        want = mirrored["train"][key]
+        assert multi_worker["train"][key] == pytest.approx(want, rel=1e-5), key
+    # Evaluation agrees to one example in 10,000 and 0.2% of the loss; seen:
+    # top-1 0.8704 vs 0.8705, loss 0.4118 vs 0.4123 (not yet explained; each
+    # worker evaluates its own shard in other batch shapes).
+    for key in ("top1", "top5"):
+        want = mirrored["eval"][key]
+        assert multi_worker["eval"][key] == pytest.approx(want, abs=3e-4), key
     assert multi_worker["eval"]["loss"] == pytest.approx(
-        mirrored["eval"]["loss"], rel=0.2
+        mirrored["eval"]["loss"], rel=3e-3
     )

@@ -66,7 +66,12 @@ stop the pipeline with the decoder's error instead.
 Order: with a fixed ``seed`` and ``deterministic=True`` two runs give the same
 examples in the same order with the same augmentation (random ops are stateless,
 seeded per example). ``deterministic=False`` (the default) lets parallel stages
-return elements out of order for speed.
+return elements out of order for speed. Under a strategy, deterministic training
+batches are also independent of the number of input pipelines: every pipeline
+reads the same shuffled record stream and keeps every n-th batch of it before
+decoding, so two workers with one replica each train on exactly the batches one
+worker with two replicas does (each pipeline reads, but does not decode, all
+records).
 """
 
 import dataclasses
@@ -467,9 +472,14 @@ class InputFn:
             batch_size = input_context.get_per_replica_batch_size(
                 c["global_batch_size"]
             )
-        _, pipeline_id = _pipeline(input_context)
-        # Different pipelines must not draw the same random numbers.
-        seed = None if c["seed"] is None else c["seed"] + pipeline_id
+        num_pipelines, pipeline_id = _pipeline(input_context)
+        # Deterministic training batches do not depend on the number of input
+        # pipelines (module docstring): all read one stream, each keeps its share.
+        step_aligned = c["deterministic"] and training and num_pipelines > 1
+        if step_aligned:
+            input_context, seed = None, c["seed"]
+        else:  # Different pipelines must not draw the same random numbers.
+            seed = None if c["seed"] is None else c["seed"] + pipeline_id
         if c["source"] == "synthetic":
             return self._synthetic(batch_size, seed)
 
@@ -515,6 +525,16 @@ class InputFn:
             examples = examples.repeat()
         example_seeds = tf.data.Dataset.random(seed=seed).batch(2)
         examples = tf.data.Dataset.zip((examples, example_seeds))
+        if step_aligned:  # Batch k of the stream goes to pipeline k % n.
+            examples = (
+                examples.enumerate()
+                .filter(
+                    lambda index, _: (
+                        (index // batch_size) % num_pipelines == pipeline_id
+                    )
+                )
+                .map(lambda _, example_and_seed: example_and_seed)
+            )
 
         # Only encoded images can fail to decode; in-memory arrays cannot.
         skip_corrupt = is_encoded and not c["strict"]
@@ -663,7 +683,8 @@ def make_input_fn(
       num_classes: labels must lie in [0, num_classes) after the offset; default
         from ``dataset_info``.
       cache: cache the parsed records in memory (small datasets).
-      deterministic: keep element order fixed through parallel stages.
+      deterministic: keep element order fixed through parallel stages, and
+        training batches independent of the number of input pipelines.
       strict: stop on a record that does not decode instead of skipping it.
       crop_fraction: evaluation center-crop fraction; default 0.875 for JPEG
         sources, 1.0 (no crop) for decoded ones (MNIST, CIFAR).
