@@ -48,7 +48,8 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "ruff"],
+        # ruff pinned: its formatting changes between releases.
+        "test": ["pytest", "ruff==0.17.6"],
         "study": ["matplotlib"],
     },
 )
