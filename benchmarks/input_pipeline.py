@@ -14,6 +14,12 @@ train and 3,925 val real ImageNet JPEGs) into TFRecord shards once (reused from
   batch, normalize) at ``--image_size``;
 - ``eval``: the evaluation pipeline (center crop, resize) on the val shards.
 
+Imagenette's JPEGs are downscaled to 224x224, so decoding them is cheap next to
+the resize every pipeline does. ``--jpeg_size=500x375`` (ImageNet's most common
+size) times the same photos re-encoded larger (bicubic upscale, JPEG quality 90,
+written once to ``<cache_dir>_<size>``), where decoding weighs as it does on real
+ImageNet files; both figures go in BENCHMARKS.md.
+
 Two rates per measurement: images per wall-clock second (divided by the cores for
 "per core") and images per CPU-second of this process (user + system time of all
 its threads), which other programs' load on a shared machine disturbs much less.
@@ -43,6 +49,9 @@ flags.DEFINE_integer("images", 2000, "Images timed per measurement.")
 flags.DEFINE_integer("rounds", 3, "Rounds of all variants.")
 flags.DEFINE_integer("image_size", 224, "Output image size of the pipelines.")
 flags.DEFINE_integer("batch_size", 64, "Batch size of every variant.")
+flags.DEFINE_string(
+    "jpeg_size", None, "WIDTHxHEIGHT: time the photos re-encoded at this size."
+)
 flags.DEFINE_list(
     "variants",
     ["raw_decode", "train_minimal", "train_extended", "eval"],
@@ -70,6 +79,46 @@ def converted_imagenette(cache_dir: str) -> str:
     return cache_dir
 
 
+def reencoded(data_dir: str, width: int, height: int) -> str:
+    """The shards with every photo upscaled to width x height (written once)."""
+    out_dir = f"{data_dir.rstrip('/')}_{width}x{height}"
+    if os.path.exists(os.path.join(out_dir, data.INFO_FILENAME)):
+        return out_dir
+    print(f"re-encoding {data_dir} at {width}x{height} -> {out_dir} (once)")
+    os.makedirs(out_dir, exist_ok=True)
+    features = {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+        "image/class/synset": tf.io.FixedLenFeature([], tf.string),
+        "image/filename": tf.io.FixedLenFeature([], tf.string),
+    }
+    for split in ("train", "validation"):
+        for path in data.list_record_files(data_dir, split):
+            out_path = os.path.join(out_dir, os.path.basename(path))
+            with tf.io.TFRecordWriter(out_path) as writer:
+                for record in tf.data.TFRecordDataset(path):
+                    example = tf.io.parse_single_example(record, features)
+                    image = tf.io.decode_jpeg(example["image/encoded"], channels=3)
+                    image = tf.image.resize(image, (height, width), "bicubic")
+                    image = tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8)
+                    jpeg = tf.io.encode_jpeg(image, quality=90).numpy()
+                    writer.write(
+                        convert_images.make_example(
+                            jpeg,
+                            int(example["image/class/label"]),
+                            example["image/class/synset"].numpy().decode(),
+                            example["image/filename"].numpy().decode(),
+                            height,
+                            width,
+                        ).SerializeToString()
+                    )
+    with open(os.path.join(data_dir, data.INFO_FILENAME)) as source:
+        info = source.read()
+    with open(os.path.join(out_dir, data.INFO_FILENAME), "w") as target:
+        target.write(info)
+    return out_dir
+
+
 def raw_decode_dataset(data_dir: str, batch_size: int) -> tf.data.Dataset:
     """Records -> decode_jpeg (whole image, RGB) -> batches."""
     files = data.list_record_files(data_dir, "train")
@@ -88,7 +137,7 @@ def raw_decode_dataset(data_dir: str, batch_size: int) -> tf.data.Dataset:
     dataset = dataset.repeat().map(
         decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
     )
-    # Every Imagenette image is 224x224 (the greyscale ones became RGB).
+    # All images have one size (224x224, or --jpeg_size); greyscale became RGB.
     dataset = dataset.batch(batch_size)
     options = tf.data.Options()
     options.threading.max_intra_op_parallelism = 1  # As the pipeline does.
@@ -130,6 +179,9 @@ def images_per_second(dataset: tf.data.Dataset, num_images: int) -> tuple:
 def main(argv):
     del argv
     data_dir = converted_imagenette(FLAGS.cache_dir)
+    if FLAGS.jpeg_size:
+        width, height = (int(side) for side in FLAGS.jpeg_size.split("x"))
+        data_dir = reencoded(data_dir, width, height)
     cores = len(os.sched_getaffinity(0))
     print(
         f"{cores} cores, batch {FLAGS.batch_size}, {FLAGS.images} images per "
