@@ -6,18 +6,19 @@ set -e
 cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 study="python -m experiments.large_batch_study"
+precise_bn="--precise_bn --lars_base_lrs=0.0625,0.25,4"
 
 # 1. The MNIST grid with the BN net, 3 epochs: first the claim's batches (128, 32x
-#    and 64x) with 3 seeds each, ...
+#    and 64x) with 3 seeds each.
 $study --batch_sizes=128,4096,8192
 # 2. How much of the large-batch loss is BN's lagging moving averages (8192 is 21
 #    steps)? The claim's batches again, tested with recomputed BN statistics.
-$study --precise_bn --batch_sizes=128,4096,8192 --lars_base_lrs=0.0625,0.25,4 \
-    --repeat_seeds=
-# 3. Then the batches in between (the same run ids: the finished ones are skipped).
+$study $precise_bn --batch_sizes=128,4096,8192
+# 3. The batches in between (same run ids as in 1: the finished ones are skipped).
 $study
+$study $precise_bn
 # 4. Is the BN net's result a matter of too few steps? Base and 32x batch, 10 epochs.
-$study --precise_bn --epochs=10 --warmup_epochs=2 --batch_sizes=128,4096 \
+$study $precise_bn --epochs=10 --warmup_epochs=2 --batch_sizes=128,4096 \
     --repeat_seeds=
 # 5. The same grid without BN.
 $study --model=small_alexnet
