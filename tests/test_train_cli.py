@@ -19,11 +19,10 @@ import time
 import numpy as np
 import pytest
 
+from train import shared_data_dir
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_ROOT = os.environ.get(
-    "LARS_TF_DATA_DIR", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
-)
-MNIST_DIR = os.path.join(DATA_ROOT, "mnist")
+MNIST_DIR = os.path.join(shared_data_dir(), "mnist")
 HAVE_MNIST = os.path.isfile(os.path.join(MNIST_DIR, "train-images-idx3-ubyte.gz"))
 TINY = [
     "--model=small_alexnet_bn",

@@ -92,15 +92,6 @@ def test_auto_source_falls_back_to_synthetic_without_mnist(tmp_path):
     assert main.resolve_source(_parse(f"--data_dir={tmp_path}")) == "mnist"
 
 
-def test_name_lists_equal_the_modules_they_copy():
-    from train import data, models, preprocessing
-
-    assert main.MODEL_NAMES == models.MODEL_NAMES
-    assert main.SOURCES == data.SOURCES
-    assert main.AUGMENTATIONS == preprocessing.AUGMENTATIONS
-    assert main.DATA_ROOT == data.shared_data_dir()
-
-
 def test_warmup_longer_than_training_in_steps_needs_the_dataset_size():
     from train import data, trainer
 

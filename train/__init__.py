@@ -1,4 +1,31 @@
-"""The large-batch ImageNet training app: `python -m train.main --help`."""
+"""The large-batch ImageNet training app: `python -m train.main --help`.
+
+This file imports no TensorFlow: `train.main` checks its flags against the
+names below before TensorFlow starts.
+"""
+
+import os
+
+# The models of train/models.py, the sources of train/data.py and the
+# augmentation levels of train/preprocessing.py.
+MODEL_NAMES = (
+    "alexnet",
+    "alexnet_bn",
+    "resnet50",
+    "googlenet",
+    "resnet20",
+    "small_alexnet",
+    "small_alexnet_bn",
+)
+SOURCES = ("synthetic", "imagenet", "mnist", "fashion_mnist", "tfds")
+AUGMENTATIONS = ("none", "minimal", "extended")
+
+
+def shared_data_dir() -> str:
+    """$LARS_TF_DATA_DIR, else ``../shared/data`` next to the repository root."""
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    default = os.path.join(os.path.dirname(repo_root), "shared", "data")
+    return os.environ.get("LARS_TF_DATA_DIR", default)
 
 
 class FlagError(ValueError):

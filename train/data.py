@@ -85,9 +85,8 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.python.ops import resource_variable_ops
 
-from train import preprocessing
+from train import SOURCES, preprocessing, shared_data_dir  # noqa: F401 (API)
 
-SOURCES = ("synthetic", "imagenet", "mnist", "fashion_mnist", "tfds")
 SPLITS = ("train", "validation")
 IMAGENET_NUM_CLASSES = 1000
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
@@ -106,13 +105,6 @@ GREY_NORMALIZATION = {
 }
 RECORD_BUFFER_BYTES = 8 << 20
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def shared_data_dir() -> str:
-    """$LARS_TF_DATA_DIR, else ``../shared/data`` next to the repository root."""
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    default = os.path.join(os.path.dirname(repo_root), "shared", "data")
-    return os.environ.get("LARS_TF_DATA_DIR", default)
 
 
 @dataclasses.dataclass(frozen=True)

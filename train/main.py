@@ -18,35 +18,14 @@ import time
 
 from absl import app, flags, logging
 
-from train import FlagError
+from train import AUGMENTATIONS, MODEL_NAMES, SOURCES, FlagError, shared_data_dir
 
-# Copies of `train.models.MODEL_NAMES`, `train.data.SOURCES` and
-# `train.preprocessing.AUGMENTATIONS`: those modules
-# import TensorFlow, which we avoid until the flags are valid. A test checks
-# that the copies stay equal to the originals.
-MODEL_NAMES = (
-    "alexnet",
-    "alexnet_bn",
-    "resnet50",
-    "googlenet",
-    "resnet20",
-    "small_alexnet",
-    "small_alexnet_bn",
-)
-SOURCES = ("synthetic", "imagenet", "mnist", "fashion_mnist", "tfds")
-AUGMENTATIONS = ("none", "minimal", "extended")  # train.preprocessing's.
 # Sources read from files under --data_dir (tfds reads TFDS's own directory).
 FILE_SOURCES = ("imagenet", "mnist", "fashion_mnist")
 OPTIMIZERS = ("lars", "sgd", "lamb", "adamw")
 SCHEDULES = ("poly", "cosine", "step")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# As train.data.shared_data_dir(), which we cannot import before validation.
-DATA_ROOT = os.environ.get(
-    "LARS_TF_DATA_DIR", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
-)
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
@@ -71,7 +50,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
         None,
         "Folder of the dataset's files: the IDX files for mnist/fashion_mnist, "
         "TFRecords (train.convert_images) for imagenet, TFDS's data dir for "
-        "tfds. Default: DATA_ROOT/<source> (DATA_ROOT: $LARS_TF_DATA_DIR, else "
+        "tfds. Default: <data root>/<source> (data root: $LARS_TF_DATA_DIR, else "
         "../shared/data next to the repository); TFDS's default for tfds.",
         **fv,
     )
@@ -305,10 +284,10 @@ def resolve_source(f: flags.FlagValues) -> str:
 
 
 def resolve_data_dir(f: flags.FlagValues, source: str) -> str | None:
-    """--data_dir, else the source's folder under DATA_ROOT (None for tfds)."""
+    """--data_dir, else the source's folder in the shared data dir (None for tfds)."""
     if f.data_dir or source == "tfds":
         return f.data_dir
-    return os.path.join(DATA_ROOT, source)
+    return os.path.join(shared_data_dir(), source)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -15,15 +15,7 @@ parameters (what PyTorch's ``numel`` sum and the papers report); Keras's
 import keras
 import tensorflow as tf
 
-MODEL_NAMES = (
-    "alexnet",
-    "alexnet_bn",
-    "resnet50",
-    "googlenet",
-    "resnet20",
-    "small_alexnet",
-    "small_alexnet_bn",
-)
+from train import MODEL_NAMES  # noqa: E402  (after TF; the names live there)
 
 # BatchNormalization settings of the tensorflow/tpu ResNet reference (and MLPerf).
 _BN_MOMENTUM = 0.9

@@ -28,7 +28,8 @@ it to whole batches.
 
 import tensorflow as tf
 
-AUGMENTATIONS = ("none", "minimal", "extended")
+from train import AUGMENTATIONS  # noqa: E402  (the names live there, TF-free)
+
 IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 MINIMAL_CROP_FRACTION = 0.875
