@@ -160,8 +160,6 @@ class LARS(keras.optimizers.Optimizer):
                 "`nesterov` needs `momentum` in (0, 1). "
                 "Received: nesterov=True, momentum=0"
             )
-        if kwargs.get("weight_decay") is not None:
-            raise ValueError("Pass `weight_decay` once.")
         # LARS's weight decay is coupled (inside the trust ratio); the base
         # class's `weight_decay` is decoupled, so it stays None here.
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
@@ -180,11 +178,13 @@ class LARS(keras.optimizers.Optimizer):
             "exclude_from_weight_decay", exclude_from_weight_decay
         )
         self.jit_compile = bool(jit_compile)
-        self._update = tf.function(
-            self._fused_update, jit_compile=True, reduce_retracing=False
+        # With XLA: one compiled computation per variable, traced once for
+        # each shape and set of flags.
+        self._update = (
+            tf.function(self._fused_update, jit_compile=True, reduce_retracing=False)
+            if self.jit_compile
+            else self._fused_update
         )
-        if not self.jit_compile:
-            self._update = self._fused_update
 
     def build(self, variables):
         """Creates the momentum slots and decides each variable's flags.
