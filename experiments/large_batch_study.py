@@ -129,8 +129,9 @@ def define_flags() -> None:
     flags.DEFINE_enum("part", "mnist", PARTS, "Which part of the study to run.")
     flags.DEFINE_string(
         "output_dir",
-        os.path.join(REPO_ROOT, "runs", "study"),
-        "Folder of the per-run JSON summaries (runs/<run_id>.json); git-ignored.",
+        os.path.join(REPO_ROOT, "experiments", "results"),
+        "Folder of the per-run JSON summaries (runs/<run_id>.json), committed so "
+        "the tables can be rebuilt and the study resumed in another session.",
     )
     flags.DEFINE_string(
         "data_dir",
