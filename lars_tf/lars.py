@@ -71,8 +71,9 @@ class LARS(keras.optimizers.Optimizer):
     every row anyway.
 
     The momentum slot of each variable stores `-v`, the convention of Keras's
-    `SGD`, so that the update is one fused `ResourceApplyKerasMomentum`
-    kernel after the two norms.
+    `SGD`, so that after the two norms the update is one fused
+    `ResourceApplyKerasMomentum` kernel (plus one in-place kernel that folds
+    the coupled weight decay into the slot, without Nesterov).
 
     Args:
         learning_rate: A float, a
