@@ -30,7 +30,7 @@ EXPECTED = {
     "resnet50_16k": ("resnet50", 16384, 90, 25.0, 5.0, 1e-4, False, 0.0),
     "resnet50_32k": ("resnet50", 32768, 90, 32.0, 14.0, 1e-4, False, 0.0),
     "googlenet_8k": ("googlenet", 8192, 90, 10.0, 5.0, 2e-4, False, 0.0),
-    "mlperf_resnet50_lars": ("resnet50", 32768, 90, 32.0, 14.0, 1e-4, True, 0.1),
+    "mlperf_resnet50_lars": ("resnet50", 4096, 42, 10.0, 5.0, 2e-4, True, 0.1),
 }
 IMAGENET = data.DatasetInfo(
     num_classes=1000,
