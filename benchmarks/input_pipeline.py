@@ -9,6 +9,10 @@ train and 3,925 val real ImageNet JPEGs) into TFRecord shards once (reused from
 
 - ``raw_decode``: read + parse the records and ``tf.io.decode_jpeg`` every image
   (parallel map, no other work): the ceiling an input pipeline is measured against;
+- ``crop_only`` / ``crop_resize``: the ``minimal`` training pipeline's image
+  work and nothing else: crop window + ``decode_and_crop_jpeg`` + flip, then
+  (``crop_resize``) the bilinear resize to ``--image_size``; batched. They show
+  how close to the raw decode rate any pipeline doing that work can get;
 - ``train_minimal`` / ``train_extended``: the full training pipeline of
   ``train.data.make_input_fn`` (crop-before-decode, flip, resize[, colour],
   batch, normalize) at ``--image_size``;
@@ -39,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # noqa: E402
 
-from train import convert_images, data  # noqa: E402
+from train import convert_images, data, preprocessing  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -52,10 +56,18 @@ flags.DEFINE_integer("batch_size", 64, "Batch size of every variant.")
 flags.DEFINE_string(
     "jpeg_size", None, "WIDTHxHEIGHT: time the photos re-encoded at this size."
 )
+VARIANTS = (
+    "raw_decode",
+    "crop_only",
+    "crop_resize",
+    "train_minimal",
+    "train_extended",
+    "eval",
+)
 flags.DEFINE_list(
     "variants",
-    ["raw_decode", "train_minimal", "train_extended", "eval"],
-    "Variants to time; raw_decode must be among them for the ratios.",
+    list(VARIANTS),
+    f"Variants to time, of {VARIANTS}; raw_decode must be among them for the ratios.",
 )
 
 
@@ -119,29 +131,69 @@ def reencoded(data_dir: str, width: int, height: int) -> str:
     return out_dir
 
 
+def _encoded_images(data_dir: str) -> tf.data.Dataset:
+    """The JPEG bytes of the train shards, read in parallel, repeated."""
+    files = data.list_record_files(data_dir, "train")
+    features = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
+    return (
+        tf.data.Dataset.from_tensor_slices(files)
+        .interleave(
+            lambda f: tf.data.TFRecordDataset(f, buffer_size=data.RECORD_BUFFER_BYTES),
+            cycle_length=len(files),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=False,
+        )
+        .repeat()
+        .map(
+            lambda record: tf.io.parse_single_example(record, features)["image/encoded"]
+        )
+    )
+
+
+def _batched(images: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+    # All images have one size (224x224, or --jpeg_size), so the crops of the
+    # "minimal" window have one size too; greyscale JPEGs become RGB.
+    options = tf.data.Options()
+    options.threading.max_intra_op_parallelism = 1  # As the pipeline does.
+    return images.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
 def raw_decode_dataset(data_dir: str, batch_size: int) -> tf.data.Dataset:
     """Records -> decode_jpeg (whole image, RGB) -> batches."""
-    files = data.list_record_files(data_dir, "train")
-
-    def decode(record):
-        features = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
-        jpeg = tf.io.parse_single_example(record, features)["image/encoded"]
-        return tf.io.decode_jpeg(jpeg, channels=3)
-
-    dataset = tf.data.Dataset.from_tensor_slices(files).interleave(
-        lambda f: tf.data.TFRecordDataset(f, buffer_size=data.RECORD_BUFFER_BYTES),
-        cycle_length=len(files),
+    images = _encoded_images(data_dir).map(
+        lambda jpeg: tf.io.decode_jpeg(jpeg, channels=3),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=False,
     )
-    dataset = dataset.repeat().map(
-        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+    return _batched(images, batch_size)
+
+
+def stage_dataset(
+    data_dir: str, batch_size: int, image_size: int, resize: bool
+) -> tf.data.Dataset:
+    """The training pipeline's per-image work alone, for the `minimal` level:
+    the crop window, `decode_and_crop_jpeg`, flip on the uint8 crop, and with
+    `resize` the float bilinear resize to image_size; then batches. Nothing
+    else the pipeline does (per-example seeds, shuffling, label checks,
+    corrupt-record counting, normalization) runs here, so these variants bound
+    what any pipeline doing the same image work can reach."""
+    seed = tf.constant([0, 1])
+
+    def crop(jpeg):
+        shape = preprocessing.image_shape(jpeg, is_encoded=True)
+        window = preprocessing.minimal_crop_window(shape, seed)
+        image = preprocessing.crop(jpeg, window, is_encoded=True, channels=3)
+        image = tf.image.stateless_random_flip_left_right(image, seed)
+        if resize:
+            image = tf.image.resize(
+                tf.cast(image, tf.float32), [image_size, image_size], "bilinear"
+            )
+        return image
+
+    images = _encoded_images(data_dir).map(
+        crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
     )
-    # All images have one size (224x224, or --jpeg_size); greyscale became RGB.
-    dataset = dataset.batch(batch_size)
-    options = tf.data.Options()
-    options.threading.max_intra_op_parallelism = 1  # As the pipeline does.
-    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
+    return _batched(images, batch_size)
 
 
 def pipeline_dataset(data_dir: str, variant: str) -> tf.data.Dataset:
@@ -168,7 +220,10 @@ def images_per_second(dataset: tf.data.Dataset, num_images: int) -> tuple:
         next(iterator)
     seen, wall, cpu = 0, time.perf_counter(), time.process_time()
     while seen < num_images:
-        images, *_ = next(iterator)
+        batch = next(iterator)
+        # The pipelines give (images, labels); the raw and stage variants give
+        # images alone, which unpacking would split along the batch axis.
+        images = batch[0] if isinstance(batch, tuple) else batch
         seen += int(images.shape[0])
     return (
         seen / (time.perf_counter() - wall),
@@ -194,6 +249,13 @@ def main(argv):
         for variant in FLAGS.variants:
             if variant == "raw_decode":
                 dataset = raw_decode_dataset(data_dir, FLAGS.batch_size)
+            elif variant in ("crop_only", "crop_resize"):
+                dataset = stage_dataset(
+                    data_dir,
+                    FLAGS.batch_size,
+                    FLAGS.image_size,
+                    resize=variant == "crop_resize",
+                )
             else:
                 dataset = pipeline_dataset(data_dir, variant)
             rate, cpu_rate = images_per_second(dataset, FLAGS.images)

@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         action="store_true",
-        help="also time earlier designs of LARS's update (float32 scenario)",
+        help="also time other designs of LARS's update (float32 scenario)",
     )
     parser.add_argument("--scenario", help=argparse.SUPPRESS)  # one, in-process
     parser.add_argument("--optax_worker", action="store_true", help=argparse.SUPPRESS)
@@ -279,18 +279,28 @@ def bandwidth_candidates(num_parameters: int) -> tuple[dict, dict]:
     return candidates, bytes_moved
 
 
-def earlier_lars_designs() -> dict:
-    """LARS with the per-variable updates it had before its optimization.
+def other_lars_designs() -> dict:
+    """LARS with other per-variable update designs: earlier ones and XLA attempts.
 
     "tf.norm": the first design, `tf.norm` of w and g (a square into a
     temporary, then a sum), and weight decay as `g + d * w` (two passes and a
     temporary). "l2_loss norms": one-pass norms, weight decay still added to
     the gradient. The current design also folds the decay into the slot.
+
+    XLA attempts (the 20-byte update needs one fused pass, which only a
+    compiler gives with TensorFlow's kernels): "XLA update" keeps the one-pass
+    `l2_loss` norms and runs `slot = m * slot - lr * (g + d * w); w += slot` as
+    one XLA computation per variable; "XLA, all variables" compiles the whole
+    step (norms and updates of all 161 variables) into one XLA computation.
     """
+    import keras
     import tensorflow as tf
 
     import lars_tf
     from lars_tf.lars import trust_ratio
+
+    def l2_norm(x):
+        return tf.sqrt(2 * tf.nn.l2_loss(x))
 
     def subclass(norm):
         class EarlierLARS(lars_tf.LARS):
@@ -325,10 +335,75 @@ def earlier_lars_designs() -> dict:
 
         return lambda: EarlierLARS(**lars_settings())
 
+    def momentum_update(variable, velocity, gradient, learning_rate, weight_decay):
+        # Keras's slot convention: the slot holds -v.
+        weights = variable.read_value()
+        slot = MOMENTUM * velocity.read_value() - learning_rate * (
+            gradient + weight_decay * weights
+        )
+        velocity.assign(slot)
+        variable.assign(weights + slot)
+
+    class XLAUpdateLARS(lars_tf.LARS):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self._xla_update = tf.function(momentum_update, jit_compile=True)
+
+        def _fused_update(
+            self, variable, velocity, gradient, learning_rate, *, weight_decay, adapted
+        ):
+            if adapted:
+                learning_rate *= trust_ratio(
+                    l2_norm(variable),
+                    l2_norm(gradient),
+                    weight_decay,
+                    self.trust_coefficient,
+                    self.epsilon,
+                )
+            self._xla_update(variable, velocity, gradient, learning_rate, weight_decay)
+
+    class AllVariablesXLALARS(lars_tf.LARS):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self._whole_step = tf.function(self._update_all, jit_compile=True)
+
+        def _backend_update_step(self, grads, trainable_variables, learning_rate):
+            variables = [
+                v.value if isinstance(v, keras.Variable) else v
+                for v in trainable_variables
+            ]
+            self._whole_step(grads, variables, tf.convert_to_tensor(learning_rate))
+
+        def _update_all(self, grads, variables, learning_rate):
+            for gradient, variable in zip(grads, variables, strict=True):
+                index = self._get_variable_index(variable)
+                weight_decay = self._decay_rates[index]
+                rate = learning_rate
+                if self._adapted[index]:
+                    weights = variable.read_value()
+                    rate = learning_rate * trust_ratio(
+                        tf.norm(weights),
+                        tf.norm(gradient),
+                        weight_decay,
+                        self.trust_coefficient,
+                        self.epsilon,
+                    )
+                momentum_update(
+                    variable,
+                    self.momentums[index].value,
+                    gradient,
+                    rate,
+                    weight_decay,
+                )
+
     return {
         "LARS earlier: tf.norm, g + d*w": subclass(tf.norm),
-        "LARS earlier: l2_loss norms, g + d*w": subclass(
-            lambda x: tf.sqrt(2 * tf.nn.l2_loss(x))
+        "LARS earlier: l2_loss norms, g + d*w": subclass(l2_norm),
+        "LARS attempt: l2_loss norms + XLA update": lambda: XLAUpdateLARS(
+            **lars_settings()
+        ),
+        "LARS attempt: XLA, all variables": lambda: AllVariablesXLALARS(
+            **lars_settings()
         ),
     }
 
@@ -469,7 +544,7 @@ def run_scenario(scenario: str, args: argparse.Namespace) -> None:
 
     builders = tf_optimizers()
     if args.variants and scenario == "float32":
-        builders.update(earlier_lars_designs())
+        builders.update(other_lars_designs())
     candidates = {
         name: make_step(build, weights, gradients, strategy)
         for name, build in builders.items()
