@@ -20,7 +20,13 @@ $study $precise_bn
 # 4. Is the BN net's result a matter of too few steps? Base and 32x batch, 10 epochs.
 $study $precise_bn --epochs=10 --warmup_epochs=2 --batch_sizes=128,4096 \
     --repeat_seeds=
-# 5. The same grid without BN.
+# 5. The claim's batches without BN.
+$study --model=small_alexnet --batch_sizes=128,4096,8192
+# 6. Imagenette at 64x64 (needs runs/imagenette_records: STUDY.md, "Commands"):
+#    the LARS grid at 32x the base batch; at the base batch one rate and the
+#    grid step below it (an Imagenette run at batch 64 takes 10+ minutes here).
+$study --part=imagenette --precise_bn --batch_sizes=2048
+$study --part=imagenette --precise_bn --batch_sizes=64 --lars_base_lrs=2
+# 7. The batches in between without BN, then the rest of the Imagenette grid.
 $study --model=small_alexnet
-# 6. Imagenette at 64x64 (needs runs/imagenette_records: STUDY.md, "Commands").
 $study --part=imagenette --precise_bn
