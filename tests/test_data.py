@@ -242,6 +242,43 @@ def test_deterministic_batches_do_not_depend_on_the_pipeline_count(imagenet_dir)
     assert not np.array_equal(one_pipeline[0][0].numpy(), one_pipeline[1][0].numpy())
 
 
+@pytest.mark.parametrize(
+    "context",
+    [None, tf.distribute.InputContext(1, 0, 2), tf.distribute.InputContext(2, 1, 2)],
+    ids=["one pipeline", "two replicas", "second of two pipelines"],
+)
+def test_skip_batches_resumes_where_the_unskipped_stream_is(imagenet_dir, context):
+    """A resumed run's pipeline gives the batches an uninterrupted one gives next,
+    augmentation included (the per-example seeds are skipped with the examples)."""
+    input_fn = _input_fn(
+        imagenet_dir[0], split="train", global_batch_size=8, augmentation="extended"
+    )
+    uninterrupted = list(input_fn(context).take(7))
+    resumed = list(input_fn(context, skip_batches=5).take(2))
+    for (images, labels), (want_images, want_labels) in zip(
+        resumed, uninterrupted[5:], strict=True
+    ):
+        np.testing.assert_array_equal(labels.numpy(), want_labels.numpy())
+        np.testing.assert_array_equal(images.numpy(), want_images.numpy())
+
+
+def test_skipped_batches_are_not_decoded(tmp_path):
+    """Records skipped for a resume never reach the decoder: corrupt ones among
+    them are not counted, and the batches after them are the good records."""
+    rng = np.random.default_rng(2)
+    truncated = tf.io.encode_jpeg(_image(rng)).numpy()[:100]
+    good = [tf.io.encode_jpeg(_image(rng)).numpy() for _ in range(8)]
+    records = [_example(truncated, 1)] * 8
+    records += [_example(jpeg, 2 + i % 2) for i, jpeg in enumerate(good)]
+    _write(str(tmp_path / "validation-00000-of-00001"), records)
+    input_fn = _input_fn(str(tmp_path), split="validation")  # batch 4, in file order
+    _, labels = _collect(input_fn(skip_batches=2))
+    np.testing.assert_array_equal(labels, [1, 2] * 4)  # 0-based labels of `good`
+    assert input_fn.skipped_records() == 0
+    _collect(input_fn())
+    assert input_fn.skipped_records() == 8  # The same records, decoded.
+
+
 def test_fewer_files_than_pipelines_shards_examples_with_warning(imagenet_dir, caplog):
     data_dir, _ = imagenet_dir
     counts = []

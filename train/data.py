@@ -11,7 +11,8 @@ Public API::
                   tfds_name=None, label_offset=None, num_classes=None,
                   cache=False, deterministic=False, strict=False,
                   crop_fraction=None, shuffle_buffer_size=10_000) -> InputFn
-    InputFn(input_context=None) -> tf.data.Dataset; InputFn.skipped_records()
+    InputFn(input_context=None, skip_batches=0) -> tf.data.Dataset;
+    InputFn.skipped_records()
     read_idx(path) -> np.ndarray; load_idx_split(data_dir, split)
     list_record_files(data_dir, split) -> list[str]
     shared_data_dir() -> str
@@ -454,8 +455,16 @@ class InputFn:
         return int(self._read.numpy() - kept)
 
     def __call__(
-        self, input_context: tf.distribute.InputContext | None = None
+        self,
+        input_context: tf.distribute.InputContext | None = None,
+        skip_batches: int = 0,
     ) -> tf.data.Dataset:
+        """This pipeline's dataset, starting after its first ``skip_batches``
+        batches (a resumed run). They are skipped as undecoded examples, so
+        resuming costs reading records, not decoding them; the batches that
+        follow are those an unskipped pipeline would give next, unless records
+        were dropped as corrupt before that point (each shifts the stream by
+        one example)."""
         c = self._config
         training = c["split"] == "train"
         if input_context is None:
@@ -472,7 +481,7 @@ class InputFn:
             input_context, seed = None, c["seed"]
         else:  # Different pipelines must not draw the same random numbers.
             seed = None if c["seed"] is None else c["seed"] + pipeline_id
-        if c["source"] == "synthetic":
+        if c["source"] == "synthetic":  # Its batches are all alike: no skip.
             return self._synthetic(batch_size, seed)
 
         channels, is_encoded = 3, True
@@ -517,6 +526,9 @@ class InputFn:
             examples = examples.repeat()
         example_seeds = tf.data.Dataset.random(seed=seed).batch(2)
         examples = tf.data.Dataset.zip((examples, example_seeds))
+        if skip_batches:  # Every pipeline's stream holds its share of each step.
+            stream_batches = skip_batches * (num_pipelines if step_aligned else 1)
+            examples = examples.skip(stream_batches * batch_size)
         if step_aligned:  # Batch k of the stream goes to pipeline k % n.
             examples = (
                 examples.enumerate()

@@ -19,8 +19,9 @@ count.
 
 Exact resume: training data is an endless seeded stream (`train.data` shuffles
 with a fixed seed and repeats), and a resumed run skips the batches that the
-restored step already consumed, so it sees the same batches as an uninterrupted
-run; with `--deterministic` the final metrics are the same.
+restored step already consumed (as undecoded records: cheap), so it sees the
+same batches as an uninterrupted run; with `--deterministic` the final metrics
+are the same.
 """
 
 import dataclasses
@@ -254,7 +255,7 @@ def run(
     # pipeline feeds its local replicas one batch each per step.
     def train_dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batches_per_step = context.num_replicas_in_sync // context.num_input_pipelines
-        return train_input_fn(context).skip(start_step * batches_per_step)
+        return train_input_fn(context, skip_batches=start_step * batches_per_step)
 
     train_iterator = iter(strategy.distribute_datasets_from_function(train_dataset_fn))
     eval_dataset = strategy.distribute_datasets_from_function(eval_input_fn)
