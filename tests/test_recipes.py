@@ -23,13 +23,13 @@ RECIPES_DIR = os.path.join(
 # name: (model, batch, epochs, peak rate, warm-up epochs, weight decay,
 #        bias/BN excluded, label smoothing)
 EXPECTED = {
-    "alexnet_bn_8k": ("alexnet_bn", 8192, 100, 14.0, 2.0, 5e-4, False, 0.0),
-    "alexnet_bn_16k": ("alexnet_bn", 16384, 100, 23.0, 5.0, 5e-4, False, 0.0),
-    "alexnet_bn_32k": ("alexnet_bn", 32768, 100, 22.0, 5.0, 5e-4, False, 0.0),
+    "alexnet_bn_8k": ("alexnet_bn", 8192, 100, 10.0, 3.85, 5e-4, False, 0.0),
+    "alexnet_bn_16k": ("alexnet_bn", 16384, 100, 24.0, 5.13, 5e-4, False, 0.0),
+    "alexnet_bn_32k": ("alexnet_bn", 32768, 100, 32.0, 10.26, 5e-4, False, 0.0),
     "resnet50_8k": ("resnet50", 8192, 90, 10.0, 5.0, 1e-4, False, 0.0),
     "resnet50_16k": ("resnet50", 16384, 90, 25.0, 5.0, 1e-4, False, 0.0),
     "resnet50_32k": ("resnet50", 32768, 90, 32.0, 14.0, 1e-4, False, 0.0),
-    "googlenet_8k": ("googlenet", 8192, 90, 10.0, 5.0, 2e-4, False, 0.0),
+    "googlenet_8k": ("googlenet", 8192, 100, 10.0, 5.0, 1e-4, False, 0.0),
     "mlperf_resnet50_lars": ("resnet50", 4096, 42, 10.0, 5.0, 2e-4, True, 0.1),
 }
 IMAGENET = data.DatasetInfo(
