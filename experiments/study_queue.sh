@@ -27,6 +27,9 @@ $study --model=small_alexnet --batch_sizes=128,4096,8192
 #    grid step below it (an Imagenette run at batch 64 takes 10+ minutes here).
 $study --part=imagenette --precise_bn --batch_sizes=2048
 $study --part=imagenette --precise_bn --batch_sizes=64 --lars_base_lrs=2
-# 7. The batches in between without BN, then the rest of the Imagenette grid.
+# 7. Without BN, is LARS's gap at 32x a matter of steps? Base and 32x, 10 epochs.
+$study --model=small_alexnet --epochs=10 --warmup_epochs=2 --batch_sizes=128,4096 \
+    --repeat_seeds=
+# 8. The batches in between without BN, then the rest of the Imagenette grid.
 $study --model=small_alexnet
 $study --part=imagenette --precise_bn
