@@ -174,6 +174,12 @@ def define_flags() -> None:
         "Test with BN statistics recomputed on training batches after training "
         "(the moving averages' result is kept as final_top1_moving_bn).",
     )
+    flags.DEFINE_bool(
+        "extend_grid",
+        True,
+        "Try one more LARS rate past the grid's edge when a batch's best rate "
+        "lies on it (--noextend_grid: exactly the rates given).",
+    )
     flags.DEFINE_bool("dry_run", False, "Print the pending runs and exit.")
     flags.DEFINE_bool("report", False, "Rebuild tables and plots from the JSONs only.")
     flags.DEFINE_string(
@@ -851,10 +857,14 @@ def main(argv: list[str]) -> None:
         print(f"{sum(map(done, grid))} of {len(grid)} grid runs done. In order:")
         for config in claim_runs:
             print(f"  {'done' if done(config) else '    '} {config.run_id}")
+        extension = (
+            "each batch: + one LARS rate past the grid's edge when the best is on it; "
+            if FLAGS.extend_grid
+            else ""
+        )
         print(
-            f"  (each batch: + one LARS rate past the grid's edge when the best is "
-            f"on it), then seeds {list(repeat_seeds)} of batches {sorted(first)} "
-            "(LARS at its best rate), then:"
+            f"  ({extension}then seeds {list(repeat_seeds)} of batches "
+            f"{sorted(first)} (LARS at its best rate), then:"
         )
         for config in other_runs:
             print(f"  {'done' if done(config) else '    '} {config.run_id}")
@@ -867,6 +877,8 @@ def main(argv: list[str]) -> None:
             batch_configs = [c for c in configs if c.batch_size == batch]
             for config in batch_configs:
                 run_if_missing(config, FLAGS.output_dir, data_dir)
+            if not FLAGS.extend_grid:
+                continue
             summaries = load_summaries(FLAGS.output_dir)
             extension = lars_grid_extension(batch_configs, summaries)
             if extension is not None:
