@@ -23,13 +23,20 @@ $study $precise_bn --epochs=10 --warmup_epochs=2 --batch_sizes=128,4096 \
 # 5. The claim's batches without BN.
 $study --model=small_alexnet --batch_sizes=128,4096,8192
 # 6. Imagenette at 64x64 (needs runs/imagenette_records: STUDY.md, "Commands"):
-#    the LARS grid at 32x the base batch; at the base batch one rate and the
-#    grid step below it (an Imagenette run at batch 64 takes 10+ minutes here).
+#    the LARS grid at 32x the base batch first, then at the base batch one
+#    rate and the grid step below it (a 10-epoch run takes about 3 minutes).
 $study --part=imagenette --precise_bn --batch_sizes=2048
 $study --part=imagenette --precise_bn --batch_sizes=64 --lars_base_lrs=2
-# 7. Without BN, is LARS's gap at 32x a matter of steps? Base and 32x, 10 epochs.
+# 7. The rest of the Imagenette grid, then seed 1 of its base and 32x batches.
+$study --part=imagenette --precise_bn --repeat_seeds=1
+# 8. Is Imagenette's 32x gap a matter of steps? 30 epochs: SGD at both batches,
+#    LARS at 32x at its best 10-epoch rate.
+$study --part=imagenette --precise_bn --epochs=30 --batch_sizes=2048 \
+    --lars_base_lrs=0.5 --noextend_grid
+$study --part=imagenette --precise_bn --epochs=30 --batch_sizes=64 \
+    --lars_base_lrs= --noextend_grid
+# 9. Without BN, is LARS's gap at 32x a matter of steps? Base and 32x, 10 epochs.
 $study --model=small_alexnet --epochs=10 --warmup_epochs=2 --batch_sizes=128,4096 \
     --repeat_seeds=
-# 8. The batches in between without BN, then the rest of the Imagenette grid.
+# 10. The batches in between without BN.
 $study --model=small_alexnet
-$study --part=imagenette --precise_bn
