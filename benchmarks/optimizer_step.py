@@ -302,8 +302,32 @@ def other_lars_designs() -> dict:
     def l2_norm(x):
         return tf.sqrt(2 * tf.nn.l2_loss(x))
 
-    def subclass(norm):
-        class EarlierLARS(lars_tf.LARS):
+    def kernel_update(variable, velocity, gradient, learning_rate, weight_decay):
+        # `g + d * w` (two passes and a temporary), then the fused kernel.
+        if weight_decay:
+            gradient = gradient + weight_decay * variable
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=variable.handle,
+            accum=velocity.handle,
+            lr=learning_rate,
+            grad=gradient,
+            momentum=tf.constant(MOMENTUM, variable.dtype),
+        )
+
+    def momentum_update(variable, velocity, gradient, learning_rate, weight_decay):
+        # Keras's slot convention: the slot holds -v.
+        weights = variable.read_value()
+        slot = MOMENTUM * velocity.read_value() - learning_rate * (
+            gradient + weight_decay * weights
+        )
+        velocity.assign(slot)
+        variable.assign(weights + slot)
+
+    def design(norm, update):
+        """LARS whose per-variable update is `norm` for the trust ratio, then
+        `update(variable, velocity, gradient, learning_rate, weight_decay)`."""
+
+        class OtherLARS(lars_tf.LARS):
             def _fused_update(
                 self,
                 variable,
@@ -322,45 +346,9 @@ def other_lars_designs() -> dict:
                         self.trust_coefficient,
                         self.epsilon,
                     )
-                if weight_decay:
-                    gradient = gradient + weight_decay * variable
-                tf.raw_ops.ResourceApplyKerasMomentum(
-                    var=variable.handle,
-                    accum=velocity.handle,
-                    lr=learning_rate,
-                    grad=gradient,
-                    momentum=tf.cast(self.momentum, variable.dtype),
-                    use_nesterov=self.nesterov,
-                )
+                update(variable, velocity, gradient, learning_rate, weight_decay)
 
-        return lambda: EarlierLARS(**lars_settings())
-
-    def momentum_update(variable, velocity, gradient, learning_rate, weight_decay):
-        # Keras's slot convention: the slot holds -v.
-        weights = variable.read_value()
-        slot = MOMENTUM * velocity.read_value() - learning_rate * (
-            gradient + weight_decay * weights
-        )
-        velocity.assign(slot)
-        variable.assign(weights + slot)
-
-    class XLAUpdateLARS(lars_tf.LARS):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self._xla_update = tf.function(momentum_update, jit_compile=True)
-
-        def _fused_update(
-            self, variable, velocity, gradient, learning_rate, *, weight_decay, adapted
-        ):
-            if adapted:
-                learning_rate *= trust_ratio(
-                    l2_norm(variable),
-                    l2_norm(gradient),
-                    weight_decay,
-                    self.trust_coefficient,
-                    self.epsilon,
-                )
-            self._xla_update(variable, velocity, gradient, learning_rate, weight_decay)
+        return lambda: OtherLARS(**lars_settings())
 
     class AllVariablesXLALARS(lars_tf.LARS):
         def __init__(self, **kwargs):
@@ -397,10 +385,10 @@ def other_lars_designs() -> dict:
                 )
 
     return {
-        "LARS earlier: tf.norm, g + d*w": subclass(tf.norm),
-        "LARS earlier: l2_loss norms, g + d*w": subclass(l2_norm),
-        "LARS attempt: l2_loss norms + XLA update": lambda: XLAUpdateLARS(
-            **lars_settings()
+        "LARS earlier: tf.norm, g + d*w": design(tf.norm, kernel_update),
+        "LARS earlier: l2_loss norms, g + d*w": design(l2_norm, kernel_update),
+        "LARS attempt: l2_loss norms + XLA update": design(
+            l2_norm, tf.function(momentum_update, jit_compile=True)
         ),
         "LARS attempt: XLA, all variables": lambda: AllVariablesXLALARS(
             **lars_settings()
