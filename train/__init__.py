@@ -28,7 +28,16 @@ def shared_data_dir() -> str:
     return os.environ.get("LARS_TF_DATA_DIR", default)
 
 
-class FlagError(ValueError):
+class UserError(Exception):
+    """A mistake in the user's input (a flag, a path, a file's contents).
+
+    `train.main` prints its message as one line and exits with status 2; the
+    message names the flag or file and says what is allowed. Never raised for
+    our own bugs (those keep their tracebacks).
+    """
+
+
+class FlagError(UserError, ValueError):
     """A flag's value is invalid; the message starts with the flag's name.
 
     Defined here, not in train/main.py, because `python -m train.main` runs
