@@ -36,13 +36,16 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 from absl import app, flags, logging
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("mnist", "imagenette", "tfds_mnist", "tfds_fashion_mnist", "tfds_cifar10")
-OPTIMIZERS = ("sgd", "lars")
+# "nesterov" (Keras SGD with Nesterov momentum) and "lamb" (Keras Lamb) are the
+# peers of the fair protocol's reality check (Nado et al. 2021).
+OPTIMIZERS = ("sgd", "lars", "nesterov", "lamb")
 EVAL_BATCH_SIZE = 1000
 # Training examples whose statistics --precise_bn averages (whole batches).
 PRECISE_BN_EXAMPLES = 4096
@@ -180,6 +183,17 @@ def define_flags() -> None:
         "Try one more LARS rate past the grid's edge when a batch's best rate "
         "lies on it (--noextend_grid: exactly the rates given).",
     )
+    flags.DEFINE_bool(
+        "fair",
+        False,
+        "The fair protocol: hold out a split of the training set, choose every "
+        "optimizer's rate and warm-up on it with the same budget, then repeat "
+        "the choice over --repeat_seeds; --batch_sizes run in the order given "
+        "(the base batch first: the others' rate grids scale its choice).",
+    )
+    flags.DEFINE_list(
+        "optimizers", ["sgd", "lars"], f"With --fair: any of {', '.join(OPTIMIZERS)}."
+    )
     flags.DEFINE_bool("dry_run", False, "Print the pending runs and exit.")
     flags.DEFINE_bool("report", False, "Rebuild tables and plots from the JSONs only.")
     flags.DEFINE_string(
@@ -213,6 +227,10 @@ class RunConfig:
     # ("precise BN"), instead of the moving averages, which lag behind when a
     # large batch gives only a few dozen steps.
     precise_bn: bool = False
+    # Train on the part's training set less a fixed held-out split, test per
+    # epoch on that split (what the fair protocol selects on), and test on the
+    # test set once, at the end (``held_out_split``).
+    validation: bool = False
 
     @property
     def run_id(self) -> str:
@@ -227,6 +245,8 @@ class RunConfig:
             run_id += f"_n{self.train_examples}-{self.eval_examples}"
         if self.precise_bn:
             run_id += "_pbn"
+        if self.validation:
+            run_id += "_val"
         return run_id
 
     @property
@@ -280,7 +300,9 @@ def train_one(config: RunConfig, data_dir: str | None) -> dict:
     keras.backend.clear_session()
     keras.utils.set_random_seed(config.seed)
     info = data.dataset_info(settings.source, data_dir, settings.tfds_name)
-    train_examples = config.train_examples or info.num_train_examples
+    split = held_out_split(config.part, data_dir) if config.validation else None
+    num_train = len(split.train_labels) if split else info.num_train_examples
+    train_examples = config.train_examples or num_train
     steps_per_epoch = train_examples // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
@@ -296,19 +318,27 @@ def train_one(config: RunConfig, data_dir: str | None) -> dict:
         seed=config.seed,
         deterministic=True,  # Same data order for SGD and LARS.
     )
-    train_data = data.make_input_fn(
-        split="train",
-        global_batch_size=config.batch_size,
-        # The whole training set, so an epoch is a true random permutation.
-        shuffle_buffer_size=info.num_train_examples,
-        **common,
-    )()
     eval_batch = min(EVAL_BATCH_SIZE, config.eval_examples or EVAL_BATCH_SIZE)
-    eval_data = data.make_input_fn(
-        split="validation", global_batch_size=eval_batch, **common
-    )()
+    if split is None:
+        train_data = data.make_input_fn(
+            split="train",
+            global_batch_size=config.batch_size,
+            # The whole training set, so an epoch is a true random permutation.
+            shuffle_buffer_size=info.num_train_examples,
+            **common,
+        )()
+        eval_data = data.make_input_fn(
+            split="validation", global_batch_size=eval_batch, **common
+        )()
+        test_data = None
+    else:  # Fit on split.train, select on split.val, test on the test set once.
+        train_data = split.batches("train", config.batch_size, config.seed)
+        eval_data = split.batches("val", eval_batch)
+        test_data = split.batches("test", eval_batch)
     if config.eval_examples:
         eval_data = eval_data.take(config.eval_examples // eval_batch)
+        if test_data is not None:
+            test_data = test_data.take(config.eval_examples // eval_batch)
 
     model = models.build_model(
         config.model, info.num_classes, settings.image_size, info.channels
@@ -332,8 +362,14 @@ def train_one(config: RunConfig, data_dir: str | None) -> dict:
             momentum=config.momentum,
             trust_coefficient=config.trust_coefficient,
         )
+    elif config.optimizer == "lamb":  # Adam-family; momentum is its beta_1.
+        optimizer = keras.optimizers.Lamb(schedule, beta_1=config.momentum)
     else:
-        optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum)
+        optimizer = keras.optimizers.SGD(
+            schedule,
+            momentum=config.momentum,
+            nesterov=config.optimizer == "nesterov",
+        )
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -369,7 +405,7 @@ def train_one(config: RunConfig, data_dir: str | None) -> dict:
             model.evaluate(eval_data, verbose=0, return_dict=True)["top1"]
         )
     chance = 1.0 / info.num_classes
-    return {
+    summary = {
         "run_id": config.run_id,
         "config": dataclasses.asdict(config),
         "peak_lr": config.peak_lr,
@@ -385,6 +421,15 @@ def train_one(config: RunConfig, data_dir: str | None) -> dict:
         "wall_time_s": wall_time,
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if test_data is not None:
+        # What was tested per epoch is the held-out split: name it so, and
+        # test on the test set once, with the final (BN-recomputed) weights.
+        for old, new in VALIDATION_KEYS.items():
+            summary[new] = summary.pop(old)
+        summary["final_test_top1"] = float(
+            model.evaluate(test_data, verbose=0, return_dict=True)["top1"]
+        )
+    return summary
 
 
 def recompute_bn_statistics(model, train_data, batches: int) -> None:
@@ -429,11 +474,12 @@ def run_if_missing(config: RunConfig, output_dir: str, data_dir: str | None) -> 
     with open(partial, "w") as f:
         json.dump(summary, f, indent=1)
     os.replace(partial, path)  # A killed run never leaves a half-written JSON.
+    tested = "val" if config.validation else "test"
     logging.info(
-        "done %s: final top-1 %.4f, best %.4f, diverged %s, %.0f s",
+        "done %s: final %s top-1 %.4f, diverged %s, %.0f s",
         config.run_id,
-        summary["final_top1"],
-        summary["best_top1"],
+        tested,
+        summary["final_val_top1" if config.validation else "final_top1"],
         summary["diverged"],
         summary["wall_time_s"],
     )
@@ -544,6 +590,356 @@ def repeat_configs(
             if best is not None:
                 configs.append(dataclasses.replace(lars[0], base_lr=best, seed=seed))
     return configs
+
+
+# ----------------------------------------------------------------------------
+# The fair protocol: every setting chosen on a held-out split of the training
+# set, the same selection budget for every optimizer, the test set read once
+
+# A fixed 10% of the training set, never trained on in the fair protocol.
+VALIDATION_FRACTION = 0.1
+VALIDATION_SPLIT_SEED = 2017
+# The summary keys of a run with a held-out split: what train_one tested per
+# epoch is that split, not the test set.
+VALIDATION_KEYS = {
+    "test_top1_per_epoch": "val_top1_per_epoch",
+    "final_top1": "final_val_top1",
+    "final_top1_moving_bn": "final_val_top1_moving_bn",
+    "best_top1": "best_val_top1",
+}
+# Base rates tried at the base batch, per optimizer: three, a factor 4 apart,
+# around the rate known to train there. Lamb's relative step (rate x ||w||) is
+# LARS's (rate x eta x ||w||) with eta = 0.001, hence LARS's grid / 1000.
+BASE_RATE_GRIDS = {
+    "sgd": (0.0125, 0.05, 0.2),
+    "nesterov": (0.0125, 0.05, 0.2),
+    "lars": (1.0, 4.0, 16.0),
+    "lamb": (0.001, 0.004, 0.016),
+}
+# Warm-up lengths tried (epochs): the study's first one, then a longer one.
+WARMUP_CHOICES = {"mnist": (1.0, 2.0), "imagenette": (2.0, 5.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutSplit:
+    """A part's training set cut into ``train`` and ``val`` (``VALIDATION_FRACTION``,
+    fixed by ``VALIDATION_SPLIT_SEED``), and its test set, as uint8 arrays."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    mean: tuple[float, ...]
+    stddev: tuple[float, ...]
+
+    def batches(self, subset: str, batch_size: int, seed: int | None = None):
+        """Normalized (images, labels) batches of ``subset`` ("train", "val" or
+        "test"); for "train" an endless stream, reshuffled every epoch from
+        ``seed`` (so every optimizer sees the same examples in the same order)
+        and without a partial last batch, as ``train.data``'s pipeline does."""
+        import tensorflow as tf
+
+        from train import preprocessing
+
+        images = getattr(self, f"{subset}_images")
+        labels = getattr(self, f"{subset}_labels").astype("int32")
+        examples = tf.data.Dataset.from_tensor_slices((images, labels))
+        training = subset == "train"
+        if training:
+            examples = examples.shuffle(len(labels), seed=seed).repeat()
+        return (
+            examples.batch(batch_size, drop_remainder=training)
+            .map(
+                lambda x, y: (preprocessing.normalize(x, self.mean, self.stddev), y),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+
+def validation_split_indices(
+    num_examples: int, fraction: float = VALIDATION_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices): a fixed random ``fraction`` of
+    ``range(num_examples)`` is held out; both sorted, disjoint, covering all."""
+    order = np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(num_examples)
+    held_out = round(fraction * num_examples)
+    return np.sort(order[held_out:]), np.sort(order[:held_out])
+
+
+def held_out_split(part: str, data_dir: str | None) -> HeldOutSplit:
+    """The fair protocol's data for ``part`` (MNIST's IDX files, read whole)."""
+    from train import data
+
+    if PART_SETTINGS[part].source != "mnist":
+        raise NotImplementedError(
+            f"--validation needs the training set as arrays; only part mnist has "
+            f"them, not {part}"
+        )
+    images, labels = data.load_idx_split(data_dir, "train")
+    test_images, test_labels = data.load_idx_split(data_dir, "validation")
+    train, val = validation_split_indices(len(labels))
+    mean, stddev = data.GREY_NORMALIZATION["mnist"]
+    return HeldOutSplit(
+        images[train],
+        labels[train],
+        images[val],
+        labels[val],
+        test_images,
+        test_labels,
+        mean,
+        stddev,
+    )
+
+
+def _round_rate(rate: float) -> float:
+    """Four significant digits: a rate computed twice gives the same run id."""
+    return float(f"{rate:.4g}")
+
+
+def scaled_rate_grid(base_choice: float, batch: int, base_batch: int) -> list[float]:
+    """Base rates (the run's base_lr, which the schedule scales linearly) from
+    square-root to linear scaling of the base batch's chosen rate: the peak
+    rate ``base_choice * sqrt(k)``, ``base_choice * k**0.75`` and
+    ``base_choice * k`` for ``k = batch / base_batch``."""
+    k = batch / base_batch
+    return [_round_rate(base_choice * k**-exponent) for exponent in (0.5, 0.25, 0.0)]
+
+
+def val_top1(summary: dict) -> float:
+    """What the fair protocol selects on: the final top-1 on the held-out split."""
+    return summary["final_val_top1"]
+
+
+def best_on_validation(
+    summaries: Iterable[dict], configs: Iterable[RunConfig]
+) -> RunConfig | None:
+    """The config of ``configs`` whose finished run has the best final top-1 on
+    the held-out split (first of equals); None unless all have finished."""
+    by_id = {s["run_id"]: s for s in summaries}
+    configs = list(configs)
+    if not configs or any(c.run_id not in by_id for c in configs):
+        return None
+    return max(configs, key=lambda c: val_top1(by_id[c.run_id]))
+
+
+def edge_extension(configs: Sequence[RunConfig], best: RunConfig) -> RunConfig | None:
+    """One rate a grid step past the edge of ``configs`` (one warm-up, several
+    rates) when ``best`` is on that edge; None when it is inside."""
+    rates = sorted(c.base_lr for c in configs)
+    if len(rates) < 2:
+        return None
+    if best.base_lr == rates[0]:
+        return dataclasses.replace(best, base_lr=_round_rate(rates[0] ** 2 / rates[1]))
+    if best.base_lr == rates[-1]:
+        return dataclasses.replace(
+            best, base_lr=_round_rate(rates[-1] ** 2 / rates[-2])
+        )
+    return None
+
+
+def select_on_validation(
+    template: RunConfig,
+    rates: Sequence[float],
+    warmups: Sequence[float],
+    run: Callable[[RunConfig], object],
+    load: Callable[[], list[dict]],
+) -> RunConfig | None:
+    """Chooses ``template``'s base rate and warm-up on the held-out split.
+
+    The same budget for every optimizer and batch: ``rates`` at the first
+    warm-up, one rate past the edge when the best lies on it, then each longer
+    warm-up at the best rate; the best of all these runs is the choice.
+    ``run`` trains a config (or skips a finished one), ``load`` reads the
+    finished summaries; None when results are missing (a dry run).
+    """
+    grid = [
+        dataclasses.replace(template, base_lr=rate, warmup_epochs=warmups[0])
+        for rate in rates
+    ]
+    for config in grid:
+        run(config)
+    best = best_on_validation(load(), grid)
+    if best is None:
+        return None
+    extension = edge_extension(grid, best)
+    if extension is not None:
+        run(extension)
+        grid.append(extension)
+        best = best_on_validation(load(), grid)
+        if best is None:
+            return None
+    tried = grid + [dataclasses.replace(best, warmup_epochs=w) for w in warmups[1:]]
+    for config in tried[len(grid) :]:
+        run(config)
+    return best_on_validation(load(), tried)
+
+
+def run_fair_protocol(
+    template: RunConfig,
+    batch_sizes: Sequence[int],
+    optimizers: Sequence[str],
+    warmups: Sequence[float],
+    repeat_seeds: Sequence[int],
+    run: Callable[[RunConfig], object],
+    load: Callable[[], list[dict]],
+) -> dict:
+    """The fair protocol for each batch in the order given, each optimizer:
+    select the rate and warm-up on the held-out split (``select_on_validation``;
+    at the base batch over ``BASE_RATE_GRIDS``, elsewhere over
+    ``scaled_rate_grid`` of the base batch's choice), then the chosen setting
+    again with each of ``repeat_seeds``. Returns {(batch, optimizer): chosen
+    seed-``template.seed`` config, or None when still undecided (a dry run)}.
+    """
+    base_batch = template.base_batch_size
+    chosen = {}
+
+    def choose(batch: int, optimizer: str) -> RunConfig | None:
+        arm = dataclasses.replace(template, optimizer=optimizer, batch_size=batch)
+        if batch == base_batch:
+            rates = BASE_RATE_GRIDS[optimizer]
+        else:
+            if (base_batch, optimizer) not in chosen:
+                chosen[(base_batch, optimizer)] = choose(base_batch, optimizer)
+            base_choice = chosen[(base_batch, optimizer)]
+            if base_choice is None:
+                return None
+            rates = scaled_rate_grid(base_choice.base_lr, batch, base_batch)
+        return select_on_validation(arm, rates, warmups, run, load)
+
+    for batch in batch_sizes:
+        for optimizer in optimizers:
+            chosen[(batch, optimizer)] = choose(batch, optimizer)
+        for seed in repeat_seeds:
+            for optimizer in optimizers:
+                if chosen[(batch, optimizer)] is not None:
+                    run(dataclasses.replace(chosen[(batch, optimizer)], seed=seed))
+    return chosen
+
+
+def fair_setting_label(config: RunConfig) -> str:
+    """What fair-protocol runs must share to be compared: ``setting_label``
+    without the warm-up, which is chosen per run."""
+    return setting_label(dataclasses.replace(config, warmup_epochs=0.0)).replace(
+        "_w0", ""
+    )
+
+
+def fair_summary_rows(summaries: Sequence[dict], seed: int = 0) -> list[dict]:
+    """Per (batch, optimizer) of one setting: the seed-``seed`` run chosen on
+    the held-out split (among every rate and warm-up tried), its validation
+    top-1, and the test top-1 of that setting over every seed that ran it."""
+    rows = []
+    keys = sorted(
+        {(s["config"]["batch_size"], s["config"]["optimizer"]) for s in summaries},
+        key=lambda k: (k[0], OPTIMIZERS.index(k[1])),
+    )
+    for batch, optimizer in keys:
+        tried = [
+            s
+            for s in summaries
+            if s["config"]["batch_size"] == batch
+            and s["config"]["optimizer"] == optimizer
+            and s["config"]["seed"] == seed
+        ]
+        if not tried:
+            continue
+        pick = max(tried, key=val_top1)
+        same = _without_seed(pick)
+        repeats = [s for s in summaries if _without_seed(s) == same]
+        tests = [s["final_test_top1"] for s in repeats]
+        mean, spread = mean_and_spread(tests)
+        rows.append(
+            {
+                "batch": batch,
+                "optimizer": optimizer,
+                "base_lr": pick["config"]["base_lr"],
+                "peak_lr": pick["peak_lr"],
+                "warmup_epochs": pick["config"]["warmup_epochs"],
+                "tried": len(tried),
+                "val_top1": val_top1(pick),
+                "test_mean": mean,
+                "test_spread": spread,
+                "test_min": min(tests),
+                "seeds": len(tests),
+                "diverged": any(s["diverged"] for s in repeats),
+            }
+        )
+    return rows
+
+
+def fair_summary_table(summaries: Sequence[dict], seed: int = 0) -> str:
+    """Markdown of ``fair_summary_rows``, with the gap of the mean test top-1 to
+    the base batch's (smallest batch's) best mean test top-1 over optimizers."""
+    rows = fair_summary_rows(summaries, seed)
+    base = min(r["batch"] for r in rows)
+    base_best = max(r["test_mean"] for r in rows if r["batch"] == base)
+    lines = [
+        "| batch | optimizer | runs tried (seed 0) | chosen base LR | peak LR "
+        "| warm-up (epochs) | val top-1 (%) | test top-1 (%) | seeds "
+        "| gap to base (points) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        test = _percent(r["test_mean"])
+        if r["seeds"] > 1:
+            test += f" ± {_percent(r['test_spread'])}"
+        if r["diverged"]:
+            test += " (a seed diverged)"
+        lines.append(
+            f"| {r['batch']} | {r['optimizer']} | {r['tried']} | {r['base_lr']:g} "
+            f"| {r['peak_lr']:.4g} | {r['warmup_epochs']:g} "
+            f"| {_percent(r['val_top1'])} | {test} | {r['seeds']} "
+            f"| {100 * (r['test_mean'] - base_best):+.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def fair_runs_table(summaries: Sequence[dict]) -> str:
+    """Markdown, one row per run: the held-out split's top-1 only (the test
+    set is shown for the chosen settings only, in ``fair_summary_table``)."""
+    lines = [
+        "| batch | optimizer | base LR | peak LR | warm-up (epochs) | seed "
+        "| val top-1 (%) | diverged? | wall (s) |",
+        "|---:|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    key = lambda s: (  # noqa: E731
+        s["config"]["batch_size"],
+        OPTIMIZERS.index(s["config"]["optimizer"]),
+        s["config"]["base_lr"],
+        s["config"]["warmup_epochs"],
+        s["config"]["seed"],
+    )
+    for s in sorted(summaries, key=key):
+        c = s["config"]
+        lines.append(
+            f"| {c['batch_size']} | {c['optimizer']} | {c['base_lr']:g} "
+            f"| {s['peak_lr']:.4g} | {c['warmup_epochs']:g} | {c['seed']} "
+            f"| {_percent(val_top1(s))} | {'yes' if s['diverged'] else 'no'} "
+            f"| {s['wall_time_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_fair_report(summaries: Sequence[dict], seed: int = 0) -> str:
+    """Markdown sections of the fair protocol's runs, per setting."""
+    groups = {}
+    for summary in summaries:
+        groups.setdefault(fair_setting_label(config_of(summary)), []).append(summary)
+    sections = []
+    for label, group in sorted(groups.items()):
+        sections += [
+            f"## Fair protocol, {label}: chosen on the held-out split (seed "
+            f"{seed}); test top-1 mean ± sample std over seeds",
+            fair_summary_table(group, seed),
+            f"## Fair protocol, {label}: every run ({len(group)} finished; "
+            "held-out split only)",
+            fair_runs_table(group),
+        ]
+    return "\n\n".join(sections)
 
 
 # ----------------------------------------------------------------------------
@@ -756,9 +1152,11 @@ def setting_label(config: RunConfig) -> str:
 def write_report(output_dir: str, report_dir: str, part: str, seed: int) -> str:
     """Writes ``<part>.md`` and, per setting (``setting_label``), two PNGs
     ``<part>_<setting>_*.png`` into ``report_dir``; returns the markdown."""
-    summaries = [s for s in load_summaries(output_dir) if s["config"]["part"] == part]
-    if not summaries:
+    every_run = [s for s in load_summaries(output_dir) if s["config"]["part"] == part]
+    if not every_run:
         raise FileNotFoundError(f"no {part} runs in {output_dir}/runs")
+    fair = [s for s in every_run if s["config"].get("validation")]
+    summaries = [s for s in every_run if not s["config"].get("validation")]
     os.makedirs(report_dir, exist_ok=True)
     groups = {}
     for summary in summaries:
@@ -781,6 +1179,8 @@ def write_report(output_dir: str, report_dir: str, part: str, seed: int) -> str:
             f"## {name}: every run ({len(group)} finished)",
             runs_table(group),
         ]
+    if fair:
+        sections.insert(0, write_fair_report(fair, seed))
     markdown = "\n\n".join(sections)
     with open(os.path.join(report_dir, f"{part}.md"), "w") as f:
         f.write(markdown + "\n")
@@ -829,6 +1229,9 @@ def main(argv: list[str]) -> None:
     data_dir = FLAGS.part_data_dir or default_part_data_dir(
         FLAGS.part, FLAGS.data_dir or data.shared_data_dir()
     )
+    if FLAGS.fair:
+        main_fair(settings, data_dir)
+        return
     grid = grid_configs(
         part=FLAGS.part,
         model=FLAGS.model,
@@ -890,6 +1293,72 @@ def main(argv: list[str]) -> None:
         run_if_missing(config, FLAGS.output_dir, data_dir)
     run_batches(other_runs)
     logging.info("all %d runs done", len(grid) + len(repeats))
+
+
+def main_fair(settings: PartSettings, data_dir: str | None) -> None:
+    """``--fair``: runs (or with --dry_run lists) the fair protocol."""
+    unknown = sorted(set(FLAGS.optimizers) - set(OPTIMIZERS))
+    if unknown or settings.source != "mnist":
+        reason = (
+            f"--optimizers: unknown {unknown}; allowed: {', '.join(OPTIMIZERS)}"
+            if unknown
+            else f"--fair needs --part=mnist (a held-out split); got {FLAGS.part}"
+        )
+        print(reason, file=sys.stderr)
+        sys.exit(2)
+    base_batch = _part_value("base_batch_size", settings)
+    template = RunConfig(
+        part=FLAGS.part,
+        model=FLAGS.model,
+        optimizer="sgd",
+        batch_size=base_batch,
+        base_lr=0.0,
+        base_batch_size=base_batch,
+        epochs=_part_value("epochs", settings),
+        warmup_epochs=0.0,
+        seed=FLAGS.seed,
+        model_params=count_trainable_params(FLAGS.model, FLAGS.part, data_dir),
+        momentum=FLAGS.momentum,
+        trust_coefficient=FLAGS.trust_coefficient,
+        train_examples=FLAGS.train_examples,
+        eval_examples=FLAGS.eval_examples,
+        precise_bn=FLAGS.precise_bn,
+        validation=True,
+    )
+    warmups = (
+        tuple(float(w) for w in [FLAGS.warmup_epochs])
+        if FLAGS.warmup_epochs is not None
+        else WARMUP_CHOICES[FLAGS.part]
+    )
+    batch_sizes = [int(b) for b in FLAGS.batch_sizes or settings.batch_sizes]
+    load = lambda: load_summaries(FLAGS.output_dir)  # noqa: E731
+    if FLAGS.dry_run:
+
+        def run(config: RunConfig) -> None:
+            done = os.path.exists(run_path(FLAGS.output_dir, config))
+            print(f"  {'done' if done else '    '} {config.run_id}")
+
+    else:
+
+        def run(config: RunConfig) -> None:
+            run_if_missing(config, FLAGS.output_dir, data_dir)
+
+    chosen = run_fair_protocol(
+        template,
+        batch_sizes,
+        FLAGS.optimizers,
+        warmups,
+        _part_value("repeat_seeds", settings, int),
+        run,
+        load,
+    )
+    for (batch, optimizer), config in sorted(chosen.items()):
+        choice = (
+            "undecided: later runs depend on pending ones"
+            if config is None
+            else f"base LR {config.base_lr:g}, warm-up {config.warmup_epochs:g}"
+        )
+        print(f"batch {batch} {optimizer}: {choice}")
 
 
 if __name__ == "__main__":

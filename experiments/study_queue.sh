@@ -2,10 +2,16 @@
 # Every stage of the large-batch study (STUDY.md), in order. Each stage skips the
 # runs it finished before, so rerunning this script after an interruption resumes
 # where it stopped:  nohup sh experiments/study_queue.sh > study.log 2>&1 &
+# With no argument it runs the fair protocol (every rate and warm-up chosen on a
+# held-out split, the same budget for every optimizer); `sh
+# experiments/study_queue.sh old-protocol` reruns the first protocol's stages
+# (rates chosen on the test set; their results are committed).
 set -e
 cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 study="python -m experiments.large_batch_study"
+
+if [ "${1:-}" = "old-protocol" ]; then
 precise_bn="--precise_bn --lars_base_lrs=0.0625,0.25,4"
 
 # 1. The MNIST grid with the BN net, 3 epochs: first the claim's batches (128, 32x
@@ -40,3 +46,23 @@ $study --model=small_alexnet --epochs=10 --warmup_epochs=2 --batch_sizes=128,409
     --repeat_seeds=
 # 10. The batches in between without BN.
 $study --model=small_alexnet
+exit 0
+fi
+
+# The fair protocol, MNIST with the BN net, 3 epochs, BN statistics recomputed
+# after training. Per batch and optimizer: 3 rates at 1 warm-up epoch (at the
+# base batch a factor 4 apart; above it from square-root to linear scaling of
+# the base batch's choice), one more past an edge, the best rate with 2 warm-up
+# epochs; the best on the held-out split then runs with seeds 1 and 2. Ordered
+# by what matters most if the queue is cut short.
+fair="$study --fair --precise_bn"
+# F1. SGD and LARS at the base batch, then at 64x (the largest), then at 32x.
+$fair --optimizers=sgd,lars --batch_sizes=128,8192
+# F2. The reality check at the largest batch: Nesterov momentum and Keras Lamb,
+#     selected the same way (their base-batch choice anchors their grid; no
+#     extra seeds at the base batch).
+$fair --optimizers=nesterov,lamb --batch_sizes=128 --repeat_seeds=
+$fair --optimizers=nesterov,lamb --batch_sizes=8192
+# F3. 32x the base.
+$fair --optimizers=sgd,lars --batch_sizes=4096
+$fair --optimizers=nesterov,lamb --batch_sizes=4096
