@@ -1,13 +1,18 @@
-"""The LARS optimizer for Keras 3 on TensorFlow."""
+"""The LARS optimizer for Keras 3, on the TensorFlow, JAX and PyTorch backends."""
 
-import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
 
 import keras
-import tensorflow as tf
+from keras import ops
+
+from lars_tf import validation
+from lars_tf.rule import local_learning_rate, trust_ratio
 
 Exclusion = Sequence[str] | Callable[[keras.Variable], bool] | None
+
+__all__ = ["LARS", "exclude_bias_and_norm", "trust_ratio"]
 
 
 @keras.saving.register_keras_serializable(package="lars_tf")
@@ -22,26 +27,6 @@ def exclude_bias_and_norm(variable: keras.Variable) -> bool:
     return len(variable.shape) <= 1
 
 
-def trust_ratio(
-    weight_norm: tf.Tensor,
-    gradient_norm: tf.Tensor,
-    weight_decay: float,
-    trust_coefficient: float,
-    epsilon: float,
-) -> tf.Tensor:
-    """The LARS trust ratio of one variable, from its norms.
-
-    `trust_coefficient * ||w|| / (||g|| + weight_decay * ||w|| + epsilon)`,
-    and 1 where `||w||` or `||g||` is zero, so the result is always finite.
-    """
-    ratio = tf.math.divide_no_nan(
-        trust_coefficient * weight_norm,
-        gradient_norm + weight_decay * weight_norm + epsilon,
-    )
-    both_nonzero = tf.logical_and(weight_norm > 0, gradient_norm > 0)
-    return tf.where(both_nonzero, ratio, tf.ones_like(ratio))
-
-
 @keras.saving.register_keras_serializable(package="lars_tf")
 class LARS(keras.optimizers.Optimizer):
     """Layer-wise Adaptive Rate Scaling (LARS), and LARC with `clip=True`.
@@ -54,7 +39,7 @@ class LARS(keras.optimizers.Optimizer):
     ```python
     d = weight_decay              # 0 if w is excluded from weight decay
     ratio = trust_coefficient * norm(w) / (norm(g) + d * norm(w) + epsilon)
-    ratio = 1 if norm(w) == 0 or norm(g) == 0 or w is excluded from adaptation
+    ratio = 1 if norm(w) == 0 or norm(g) == 0
     local_lr = min(ratio, lr) if clip else lr * ratio     # clip: LARC
     if w is excluded from adaptation: local_lr = lr
     v = momentum * v + local_lr * (g + d * w)
@@ -65,15 +50,25 @@ class LARS(keras.optimizers.Optimizer):
     Weight decay is coupled, as in the paper: it is part of the gradient and
     enters the trust ratio. Keras's decoupled `weight_decay` of the base
     class is never applied as well. Norms are taken of the aggregated
-    gradient, so under `tf.distribute` every replica computes the same ratio
-    without extra communication. A sparse gradient (`tf.IndexedSlices`) is
-    applied as its dense equivalent, since momentum and weight decay change
-    every row anyway.
+    gradient, so under `tf.distribute` or `keras.distribution` every replica
+    computes the same ratio without extra communication. A sparse gradient
+    (`tf.IndexedSlices`) is applied as its dense equivalent, since momentum
+    and weight decay change every row anyway.
 
     The momentum slot of each variable stores `-v`, the convention of Keras's
-    `SGD`, so that after the two norms the update is one fused
-    `ResourceApplyKerasMomentum` kernel (plus one in-place kernel that folds
-    the coupled weight decay into the slot, without Nesterov).
+    `SGD`, on every backend, so a `.keras` file saved on one backend resumes
+    on another. On TensorFlow the update after the two norms is one fused
+    `ResourceApplyKerasMomentum` kernel (plus, without Nesterov and with
+    momentum >= 0.01, one in-place kernel that folds the weight decay into
+    the slot); on JAX and PyTorch it is written with `keras.ops`. Both paths
+    take the local rate from `lars_tf.rule.local_learning_rate`.
+
+    A non-finite gradient (NaN or inf) in any variable makes that variable's
+    norm, ratio and update non-finite: by default its weights and slot become
+    NaN and stay so. With `skip_nonfinite=True` such a step changes no weight
+    and no slot of any variable, and `iterations` does not advance, so the
+    learning-rate schedule does not move either; the next finite step
+    proceeds as if the bad one had never been given.
 
     Args:
         learning_rate: A float, a
@@ -99,9 +94,12 @@ class LARS(keras.optimizers.Optimizer):
             forms. Defaults to `None`: every variable is decayed. Variables
             passed to the base class's `exclude_from_weight_decay()` method
             are excluded as well.
-        jit_compile: If `True`, each variable's update (norms, ratio,
-            momentum and weight update) runs as one XLA-compiled function.
-            Defaults to `False`.
+        skip_nonfinite: If `True`, a step whose gradient has a NaN or inf in
+            any variable is not applied (see above). Defaults to `False`.
+        jit_compile: TensorFlow only: if `True`, each variable's update
+            (norms, ratio, momentum and weight update) runs as one
+            XLA-compiled function. JAX compiles the whole training step
+            anyway. Defaults to `False`.
         name: String, the name of the optimizer. Defaults to `"lars"`.
         **kwargs: Keras's base optimizer arguments: `clipnorm`, `clipvalue`,
             `global_clipnorm`, `use_ema`, `ema_momentum`,
@@ -141,34 +139,26 @@ class LARS(keras.optimizers.Optimizer):
         clip: bool = False,
         exclude_from_adaptation: Exclusion = None,
         exclude_from_weight_decay: Exclusion = None,
+        skip_nonfinite: bool = False,
         jit_compile: bool = False,
         name: str = "lars",
         **kwargs,
     ):
-        if isinstance(learning_rate, int | float) and not (
-            math.isfinite(learning_rate) and learning_rate >= 0
-        ):
-            raise ValueError(
-                "`learning_rate` must be a finite float >= 0. "
-                f"Received: learning_rate={learning_rate}"
-            )
-        _check_range("momentum", momentum, low=0.0, high=1.0, high_open=True)
-        _check_range("weight_decay", weight_decay, low=0.0)
-        _check_range("epsilon", epsilon, low=0.0)
-        _check_range("trust_coefficient", trust_coefficient, low=0.0, low_open=True)
-        if nesterov and momentum == 0:
-            raise ValueError(
-                "`nesterov` needs `momentum` in (0, 1). "
-                "Received: nesterov=True, momentum=0"
-            )
+        if isinstance(learning_rate, numbers.Real):
+            learning_rate = validation.check_learning_rate(learning_rate)
+        momentum = validation.check_momentum(momentum)
+        weight_decay = validation.check_weight_decay(weight_decay)
+        trust_coefficient = validation.check_trust_coefficient(trust_coefficient)
+        epsilon = validation.check_epsilon(epsilon)
+        nesterov = validation.check_nesterov(nesterov, momentum)
         # LARS's weight decay is coupled (inside the trust ratio); the base
         # class's `weight_decay` is decoupled, so it stays None here.
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.momentum = float(momentum)
-        self.coupled_weight_decay = float(weight_decay)
-        self.trust_coefficient = float(trust_coefficient)
-        self.epsilon = float(epsilon)
-        self.nesterov = bool(nesterov)
+        self.momentum = momentum
+        self.coupled_weight_decay = weight_decay
+        self.trust_coefficient = trust_coefficient
+        self.epsilon = epsilon
+        self.nesterov = nesterov
         self.clip = bool(clip)
         self.exclude_from_adaptation = _check_exclusion(
             "exclude_from_adaptation", exclude_from_adaptation
@@ -178,20 +168,24 @@ class LARS(keras.optimizers.Optimizer):
         self.weight_decay_exclusion = _check_exclusion(
             "exclude_from_weight_decay", exclude_from_weight_decay
         )
+        self.skip_nonfinite = bool(skip_nonfinite)
         self.jit_compile = bool(jit_compile)
-        # With XLA: one compiled computation per variable, traced once for
-        # each shape and set of flags.
-        self._update = (
-            tf.function(self._fused_update, jit_compile=True, reduce_retracing=False)
-            if self.jit_compile
-            else self._fused_update
-        )
+        self._tensorflow = keras.backend.backend() == "tensorflow"
+        self._apply_this_step = None  # With skip_nonfinite: the step's flag.
+        if self._tensorflow and self.jit_compile:
+            import tensorflow as tf
+
+            # One compiled computation per variable, traced once for each
+            # shape and set of flags.
+            self._fused_update = tf.function(
+                self._fused_update, jit_compile=True, reduce_retracing=False
+            )
 
     def build(self, variables):
         """Creates the momentum slots and decides each variable's flags.
 
         Flags are decided here, where the Keras variables (with `path`) are
-        at hand; `update_step` only sees the raw TensorFlow variables.
+        at hand; on TensorFlow `update_step` only sees the raw variables.
         """
         if self.built:
             return
@@ -219,64 +213,112 @@ class LARS(keras.optimizers.Optimizer):
         index = self._get_variable_index(variable)
         return self._adapted[index], self._decay_rates[index]
 
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if not self.skip_nonfinite:
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+            return
+        finite = ops.all(
+            ops.stack([ops.all(ops.isfinite(g)) for g in grads if g is not None])
+        )
+        if self._tensorflow:
+            finite = _agree_across_replicas(finite)
+        self._apply_this_step = finite
+        super()._backend_update_step(grads, trainable_variables, learning_rate)
+        self._apply_this_step = None
+        if not self.gradient_accumulation_steps:
+            # `apply` adds 1 after this: a skipped step is not counted.
+            self.iterations.assign_sub(
+                ops.cast(ops.logical_not(finite), self.iterations.dtype)
+            )
+
     def update_step(self, gradient, variable, learning_rate):
         """Applies one LARS step to `variable`."""
         index = self._get_variable_index(variable)
-        if isinstance(gradient, tf.IndexedSlices):
-            gradient = tf.convert_to_tensor(gradient)
-        velocity = self.momentums[index].value if self.momentums else None
-        self._update(
+        velocity = self.momentums[index] if self.momentums else None
+        flags = dict(
+            weight_decay=self._decay_rates[index], adapted=self._adapted[index]
+        )
+        if self._tensorflow:
+            import tensorflow as tf
+
+            if isinstance(gradient, tf.IndexedSlices):
+                gradient = tf.convert_to_tensor(gradient)
+            arguments = (
+                variable,
+                velocity.value if velocity is not None else None,
+                tf.cast(gradient, variable.dtype),
+                tf.cast(learning_rate, variable.dtype),
+            )
+            if self._apply_this_step is None:
+                self._fused_update(*arguments, **flags)
+            else:
+                tf.cond(
+                    self._apply_this_step,
+                    lambda: self._fused_update(*arguments, **flags),
+                    lambda: None,
+                )
+            return
+        self._keras_ops_update(
             variable,
             velocity,
-            tf.cast(gradient, variable.dtype),
-            tf.cast(learning_rate, variable.dtype),
-            weight_decay=self._decay_rates[index],
-            adapted=self._adapted[index],
+            ops.cast(gradient, variable.dtype),
+            ops.cast(learning_rate, variable.dtype),
+            **flags,
         )
 
     def _fused_update(
         self, variable, velocity, gradient, learning_rate, *, weight_decay, adapted
     ):
-        # Memory traffic bounds this step on CPU, so each tensor is read as
-        # few times as possible (BENCHMARKS.md, "Optimizer step"): `l2_loss`
-        # is one pass, where `tf.norm` squares into a temporary and sums it.
-        if adapted:
-            ratio = trust_ratio(
-                tf.sqrt(2 * tf.nn.l2_loss(variable)),
-                tf.sqrt(2 * tf.nn.l2_loss(gradient)),
-                weight_decay,
-                self.trust_coefficient,
-                self.epsilon,
-            )
-            if self.clip:
-                learning_rate = tf.minimum(ratio, learning_rate)
-            else:
-                learning_rate = learning_rate * ratio
-        if weight_decay and velocity is not None and not self.nesterov:
-            # The slot holds -v. Subtracting `lr * d / momentum * w` from it in
-            # place makes the kernel's `momentum * slot - lr * g` below equal
-            # `momentum * slot - lr * (g + d * w)`: one pass and no temporary,
-            # where `g + d * w` takes two passes and a gradient-sized temporary.
-            tf.raw_ops.ResourceApplyGradientDescent(
-                var=velocity.handle,
-                alpha=learning_rate * (weight_decay / self.momentum),
-                delta=variable,
-                use_locking=False,
-            )
-        elif weight_decay:
-            gradient = gradient + weight_decay * variable
-        if velocity is None:
-            variable.assign_sub(learning_rate * gradient)
-            return
-        tf.raw_ops.ResourceApplyKerasMomentum(
-            var=variable.handle,
-            accum=velocity.handle,
-            lr=learning_rate,
-            grad=gradient,
-            momentum=tf.cast(self.momentum, variable.dtype),
-            use_locking=False,
-            use_nesterov=self.nesterov,
+        """The TensorFlow path: `lars_tf._tensorflow_update.apply_update`."""
+        from lars_tf import _tensorflow_update
+
+        _tensorflow_update.apply_update(
+            variable,
+            velocity,
+            gradient,
+            learning_rate,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            weight_decay=weight_decay,
+            adapted=adapted,
+            trust_coefficient=self.trust_coefficient,
+            epsilon=self.epsilon,
+            clip=self.clip,
         )
+
+    def _keras_ops_update(
+        self, variable, velocity, gradient, learning_rate, *, weight_decay, adapted
+    ):
+        """The JAX and PyTorch path, the same formula as the TensorFlow kernels."""
+        weights = variable.value
+        rate = local_learning_rate(
+            ops.sqrt(ops.sum(ops.square(weights))),
+            ops.sqrt(ops.sum(ops.square(gradient))),
+            learning_rate,
+            weight_decay=weight_decay,
+            trust_coefficient=self.trust_coefficient,
+            epsilon=self.epsilon,
+            clip=self.clip,
+            adapted=adapted,
+        )
+        if weight_decay:
+            gradient = gradient + weight_decay * weights
+        step = rate * gradient
+        if velocity is None:
+            self._assign(variable, weights - step)
+            return
+        slot = self.momentum * velocity.value - step
+        if self.nesterov:
+            self._assign(variable, weights + self.momentum * slot - step)
+        else:
+            self._assign(variable, weights + slot)
+        self._assign(velocity, slot)
+
+    def _assign(self, variable, value):
+        """`variable = value`, or unchanged in a skipped non-finite step."""
+        if self._apply_this_step is not None:
+            value = ops.where(self._apply_this_step, value, variable.value)
+        self.assign(variable, value)
 
     def get_config(self):
         config = super().get_config()
@@ -294,6 +336,7 @@ class LARS(keras.optimizers.Optimizer):
                 "exclude_from_weight_decay": _serialize_exclusion(
                     self.weight_decay_exclusion
                 ),
+                "skip_nonfinite": self.skip_nonfinite,
                 "jit_compile": self.jit_compile,
             }
         )
@@ -310,18 +353,19 @@ class LARS(keras.optimizers.Optimizer):
         return super().from_config(config, custom_objects=custom_objects)
 
 
-def _check_range(name, value, low, high=math.inf, low_open=False, high_open=False):
-    in_range = (
-        isinstance(value, int | float)
-        and math.isfinite(value)
-        and (value > low if low_open else value >= low)
-        and (value < high if high_open else value <= high)
-    )
-    if not in_range:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(
-            f"`{name}` must be a finite float in {interval}. Received: {name}={value!r}"
-        )
+def _agree_across_replicas(finite):
+    """`finite` of every replica AND-ed, under a `tf.distribute` strategy.
+
+    Each replica checks the gradients it computed, before they are summed;
+    all of them must skip together or none.
+    """
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return finite
+    finite = context.all_reduce(tf.distribute.ReduceOp.MIN, tf.cast(finite, tf.int32))
+    return finite > 0
 
 
 def _check_exclusion(name, exclusion):

@@ -1,0 +1,79 @@
+"""LARS's update of one variable on the TensorFlow backend, with fused kernels.
+
+Memory traffic bounds this step on CPU, so each tensor is read as few times as
+possible: `l2_loss` takes a norm in one pass (where `tf.norm` squares into a
+temporary and then sums it), and the momentum and weight update is one
+`ResourceApplyKerasMomentum` kernel. The local rate comes from
+`lars_tf.rule.local_learning_rate`, the same rule every other path uses.
+
+The slot holds `-v` (Keras's `SGD` convention), so on every backend
+`slot = momentum * slot - local_lr * (g + d * w)` and `w = w + slot`.
+"""
+
+import tensorflow as tf
+
+from lars_tf.rule import local_learning_rate
+
+# Folding the weight decay into the slot (below) divides by the momentum. Under
+# this bound the quotient could overflow, or the momentum be a float32
+# subnormal, so the plain `g + d * w` is used instead: the same formula.
+FOLD_MIN_MOMENTUM = 1e-2
+
+
+def apply_update(
+    variable: tf.Variable,
+    velocity: tf.Variable | None,
+    gradient: tf.Tensor,
+    learning_rate: tf.Tensor,
+    *,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    adapted: bool,
+    trust_coefficient: float,
+    epsilon: float,
+    clip: bool,
+) -> None:
+    """Applies one LARS step to `variable` (and its slot `velocity`) in place.
+
+    `gradient` and `learning_rate` are dense tensors of the variable's dtype;
+    `velocity` is None without momentum. `weight_decay` and `adapted` are this
+    variable's, as `LARS.build` decided them.
+    """
+    if adapted:
+        learning_rate = local_learning_rate(
+            tf.sqrt(2 * tf.nn.l2_loss(variable)),
+            tf.sqrt(2 * tf.nn.l2_loss(gradient)),
+            learning_rate,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            epsilon=epsilon,
+            clip=clip,
+            adapted=True,
+        )
+    fold = velocity is not None and not nesterov and momentum >= FOLD_MIN_MOMENTUM
+    if weight_decay and fold:
+        # Subtracting `lr * d / momentum * w` from the slot in place makes the
+        # kernel's `momentum * slot - lr * g` below equal
+        # `momentum * slot - lr * (g + d * w)`: one pass and no temporary,
+        # where `g + d * w` takes two passes and a gradient-sized temporary.
+        tf.raw_ops.ResourceApplyGradientDescent(
+            var=velocity.handle,
+            alpha=learning_rate * (weight_decay / momentum),
+            delta=variable,
+            use_locking=False,
+        )
+    elif weight_decay:
+        gradient = gradient + weight_decay * variable
+    if velocity is None:
+        variable.assign_sub(learning_rate * gradient)
+        return
+    tf.raw_ops.ResourceApplyKerasMomentum(
+        var=variable.handle,
+        accum=velocity.handle,
+        lr=learning_rate,
+        grad=gradient,
+        momentum=tf.cast(momentum, variable.dtype),
+        use_locking=False,
+        use_nesterov=nesterov,
+    )

@@ -1,0 +1,60 @@
+"""The LARS rule, written once: the trust ratio and each variable's local rate.
+
+`lars_tf.LARS` (its TensorFlow kernels and its `keras.ops` path) and
+`lars_tf.TrustRatioMonitor` all compute the local learning rate with
+`local_learning_rate`, so what the monitor shows is what the optimizer applies.
+Written with `keras.ops`, it runs on every Keras backend, inside a traced or
+XLA-compiled step as well as eagerly.
+"""
+
+from keras import ops
+
+
+def trust_ratio(
+    weight_norm,
+    gradient_norm,
+    weight_decay,
+    trust_coefficient: float,
+    epsilon: float,
+):
+    """The LARS trust ratio of one variable (or of many, elementwise), from norms.
+
+    `trust_coefficient * ||w|| / (||g|| + weight_decay * ||w|| + epsilon)`,
+    and 1 where `||w||` or `||g||` is zero, so the result is always finite for
+    finite norms: a fresh zero-initialized variable, or one that gets no
+    gradient, moves at the global rate.
+    """
+    ratio = ops.divide_no_nan(
+        trust_coefficient * weight_norm,
+        gradient_norm + weight_decay * weight_norm + epsilon,
+    )
+    both_nonzero = ops.logical_and(weight_norm > 0, gradient_norm > 0)
+    return ops.where(both_nonzero, ratio, ops.ones_like(ratio))
+
+
+def local_learning_rate(
+    weight_norm,
+    gradient_norm,
+    learning_rate,
+    *,
+    weight_decay,
+    trust_coefficient: float,
+    epsilon: float,
+    clip: bool,
+    adapted: bool,
+):
+    """The step size LARS applies to a variable's weight-decayed gradient.
+
+    `learning_rate * trust_ratio` (LARS), `min(trust_ratio, learning_rate)`
+    with `clip` (LARC), and `learning_rate` itself for a variable excluded
+    from adaptation (`adapted=False`). `weight_decay` is the variable's own
+    (0 if it is excluded from weight decay).
+    """
+    if not adapted:
+        return learning_rate
+    ratio = trust_ratio(
+        weight_norm, gradient_norm, weight_decay, trust_coefficient, epsilon
+    )
+    if clip:
+        return ops.minimum(ratio, learning_rate)
+    return learning_rate * ratio
