@@ -1,29 +1,35 @@
-"""lars_tf: LARS (You, Gitman & Ginsburg, 2017) for Keras 3 on TensorFlow."""
+"""lars_tf: LARS (You, Gitman & Ginsburg, 2017) for Keras 3.
 
-from lars_tf.callbacks import (
-    LearningRateWarmup,
-    ScheduleWithWarmup,
-    Throughput,
-    TrustRatioMonitor,
-)
-from lars_tf.lars import LARS, exclude_bias_and_norm, trust_ratio
+The optimizer, schedules and callbacks run on the TensorFlow, JAX and PyTorch
+backends; `lars_tf.validation` holds the argument ranges and imports neither
+Keras nor TensorFlow.
+"""
+
+from lars_tf.callbacks import LearningRateWarmup, Throughput
+from lars_tf.lars import LARS, exclude_bias_and_norm
+from lars_tf.rule import local_learning_rate, trust_ratio
 from lars_tf.schedules import (
+    ScheduleWithWarmup,
     WarmupCosineDecay,
     WarmupPolynomialDecay,
+    linear_warmup,
     scaled_learning_rate,
 )
+from lars_tf.trust_ratio_monitor import TrustRatioMonitor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LARS",
     "exclude_bias_and_norm",
+    "local_learning_rate",
     "trust_ratio",
     "WarmupCosineDecay",
     "WarmupPolynomialDecay",
+    "ScheduleWithWarmup",
+    "linear_warmup",
     "scaled_learning_rate",
     "LearningRateWarmup",
-    "ScheduleWithWarmup",
     "Throughput",
     "TrustRatioMonitor",
 ]

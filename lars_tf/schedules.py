@@ -23,35 +23,28 @@ import math
 import keras
 from keras import ops
 
+from lars_tf.validation import (
+    check_decay_steps,
+    check_integer,
+    check_learning_rate,
+    check_power,
+    check_warmup_steps,
+)
+
 _RULES = ("linear", "sqrt")
 
 
-def _check_schedule_arguments(
-    peak_learning_rate: float,
-    decay_steps: int,
-    warmup_steps: int,
-    initial_learning_rate: float,
-    end_learning_rate: float,
-) -> None:
-    """Raises ValueError naming the first bad argument of a warm-up schedule."""
-    for name, value in (
-        ("peak_learning_rate", peak_learning_rate),
-        ("initial_learning_rate", initial_learning_rate),
-        ("end_learning_rate", end_learning_rate),
-    ):
-        if value < 0:
-            raise ValueError(f"Argument `{name}` must be >= 0. Received: {value}")
-    if decay_steps <= 0:
-        raise ValueError(f"Argument `decay_steps` must be > 0. Received: {decay_steps}")
-    if warmup_steps < 0:
-        raise ValueError(
-            f"Argument `warmup_steps` must be >= 0. Received: {warmup_steps}"
-        )
-    if warmup_steps > decay_steps:
-        raise ValueError(
-            "Argument `warmup_steps` must be <= `decay_steps` (the total number of "
-            f"steps). Received: warmup_steps={warmup_steps}, decay_steps={decay_steps}"
-        )
+def linear_warmup(step, warmup_steps: int, initial_rate, target_rate):
+    """The rate at `step` of a linear ramp from `initial_rate` to `target_rate`.
+
+    `initial + (target - initial) * step / warmup_steps`, the one warm-up
+    formula of lars_tf: step 0 uses `initial_rate`, and the ramp would reach
+    `target_rate` at `step = warmup_steps`, where the caller switches to the
+    target. Works on Python floats and on tensors of any backend (the caller
+    casts `step` to the rates' dtype); `warmup_steps = 0` gives no division
+    by zero.
+    """
+    return initial_rate + (target_rate - initial_rate) * (step / max(warmup_steps, 1))
 
 
 class _WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
@@ -67,18 +60,23 @@ class _WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         name: str | None = None,
     ):
         super().__init__()
-        _check_schedule_arguments(
-            peak_learning_rate,
-            decay_steps,
-            warmup_steps,
-            initial_learning_rate,
-            end_learning_rate,
+        self.peak_learning_rate = check_learning_rate(
+            peak_learning_rate, "peak_learning_rate"
         )
-        self.peak_learning_rate = float(peak_learning_rate)
-        self.decay_steps = int(decay_steps)
-        self.warmup_steps = int(warmup_steps)
-        self.initial_learning_rate = float(initial_learning_rate)
-        self.end_learning_rate = float(end_learning_rate)
+        self.decay_steps = check_decay_steps(decay_steps)
+        self.warmup_steps = check_warmup_steps(warmup_steps)
+        if self.warmup_steps > self.decay_steps:
+            raise ValueError(
+                "`warmup_steps` must be <= `decay_steps` (the total number of "
+                f"steps). Received: warmup_steps={warmup_steps}, "
+                f"decay_steps={decay_steps}"
+            )
+        self.initial_learning_rate = check_learning_rate(
+            initial_learning_rate, "initial_learning_rate"
+        )
+        self.end_learning_rate = check_learning_rate(
+            end_learning_rate, "end_learning_rate"
+        )
         self.name = name or type(self).__name__
 
     def _decayed_fraction(self, progress):
@@ -89,12 +87,14 @@ class _WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         with keras.name_scope(self.name):
             step = ops.cast(step, "float32")
             warmup_steps = float(self.warmup_steps)
-            # max(.., 1) keeps both divisions finite when a phase has zero length;
-            # the phase's branch is then never selected.
-            warmup_progress = step / max(warmup_steps, 1.0)
-            warmup_rate = self.initial_learning_rate + warmup_progress * (
-                self.peak_learning_rate - self.initial_learning_rate
+            warmup_rate = linear_warmup(
+                step,
+                self.warmup_steps,
+                self.initial_learning_rate,
+                self.peak_learning_rate,
             )
+            # max(.., 1) keeps the division finite when the decay has zero
+            # length; its branch is then never selected.
             decay_length = max(float(self.decay_steps) - warmup_steps, 1.0)
             decay_progress = ops.clip((step - warmup_steps) / decay_length, 0.0, 1.0)
             decay_rate = self.end_learning_rate + self._decayed_fraction(
@@ -161,9 +161,7 @@ class WarmupPolynomialDecay(_WarmupDecay):
             end_learning_rate,
             name,
         )
-        if power <= 0:
-            raise ValueError(f"Argument `power` must be > 0. Received: {power}")
-        self.power = float(power)
+        self.power = check_power(power)
 
     def _decayed_fraction(self, progress):
         return ops.power(1.0 - progress, self.power)
@@ -196,6 +194,51 @@ class WarmupCosineDecay(_WarmupDecay):
         return 0.5 * (1.0 + ops.cos(math.pi * progress))
 
 
+@keras.saving.register_keras_serializable(package="lars_tf")
+class ScheduleWithWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """Any schedule with a linear warm-up in front (`lars_tf.LearningRateWarmup`'s).
+
+    For ``t < warmup_steps`` the rate is
+    ``initial + (schedule(t) - initial) * t / warmup_steps``: the wrapped schedule
+    scaled by a ramp, so it keeps its own shape and meets it continuously at the
+    end of warm-up; from ``warmup_steps`` on it is ``schedule(t)`` exactly.
+
+    Args:
+        schedule: The schedule to warm up (or its serialized config).
+        warmup_steps: Number of warm-up steps, >= 0.
+        initial_learning_rate: Rate at step 0, >= 0.
+    """
+
+    def __init__(
+        self,
+        schedule: keras.optimizers.schedules.LearningRateSchedule,
+        warmup_steps: int,
+        initial_learning_rate: float = 0.0,
+    ):
+        super().__init__()
+        if isinstance(schedule, dict):
+            schedule = keras.optimizers.schedules.deserialize(schedule)
+        self.schedule = schedule
+        self.warmup_steps = check_warmup_steps(warmup_steps)
+        self.initial_learning_rate = check_learning_rate(
+            initial_learning_rate, "initial_learning_rate"
+        )
+
+    def __call__(self, step):
+        target = self.schedule(step)
+        step = ops.cast(step, target.dtype)
+        initial = ops.cast(self.initial_learning_rate, target.dtype)
+        warming = linear_warmup(step, self.warmup_steps, initial, target)
+        return ops.where(step < self.warmup_steps, warming, target)
+
+    def get_config(self) -> dict:
+        return {
+            "schedule": keras.optimizers.schedules.serialize(self.schedule),
+            "warmup_steps": self.warmup_steps,
+            "initial_learning_rate": self.initial_learning_rate,
+        }
+
+
 def scaled_learning_rate(
     base_learning_rate: float,
     batch_size: int,
@@ -218,18 +261,10 @@ def scaled_learning_rate(
     Returns:
         The scaled learning rate as a Python float.
     """
-    if base_learning_rate < 0:
-        raise ValueError(
-            "Argument `base_learning_rate` must be >= 0. "
-            f"Received: {base_learning_rate}"
-        )
-    if batch_size <= 0:
-        raise ValueError(f"Argument `batch_size` must be > 0. Received: {batch_size}")
-    if base_batch_size <= 0:
-        raise ValueError(
-            f"Argument `base_batch_size` must be > 0. Received: {base_batch_size}"
-        )
+    check_learning_rate(base_learning_rate, "base_learning_rate")
+    check_integer("batch_size", batch_size, 1)
+    check_integer("base_batch_size", base_batch_size, 1)
     if rule not in _RULES:
-        raise ValueError(f"Argument `rule` must be one of {_RULES}. Received: {rule!r}")
+        raise ValueError(f"`rule` must be one of {_RULES}. Received: {rule!r}")
     ratio = batch_size / base_batch_size
     return float(base_learning_rate * (ratio if rule == "linear" else math.sqrt(ratio)))

@@ -21,7 +21,7 @@ tf.config.set_logical_device_configuration(
 import keras  # noqa: E402
 
 import lars_tf  # noqa: E402
-from lars_tf.callbacks import LearningRateWarmup, TrustRatioMonitor  # noqa: E402
+from lars_tf import LearningRateWarmup, TrustRatioMonitor  # noqa: E402
 
 GLOBAL_BATCH = 8
 rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""lars_tf.callbacks: warm-up, trust-ratio monitor and throughput.
+"""lars_tf's callbacks: warm-up, trust-ratio monitor and throughput.
 
 Learning rates are checked by what was applied: a one-weight model ``w * x``
 with ``x = 1``, target -100 and the mean absolute error has gradient 1 while
@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 import lars_tf
-from lars_tf.callbacks import (
+from lars_tf import (
     LearningRateWarmup,
     ScheduleWithWarmup,
     Throughput,

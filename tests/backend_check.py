@@ -1,0 +1,373 @@
+"""lars_tf on one Keras backend, checked against float64 NumPy references.
+
+Run by tests/test_backends.py once per backend, each in its own process with
+KERAS_BACKEND set (Keras picks its backend at import). Prints one JSON line of
+measured differences; the test decides what is close enough.
+"""
+
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+
+import keras
+import numpy as np
+
+import lars_tf
+
+# --- The reference: the paper's Algorithm 1 with momentum, in float64. -------
+
+
+def reference_step(w, v, g, lr, *, momentum, weight_decay, eta, epsilon, nesterov,
+                   clip, adapted):  # fmt: skip
+    g = g.astype(np.float64)
+    local_lr = lr
+    if adapted:
+        w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
+        ratio = 1.0
+        if w_norm > 0 and g_norm > 0:
+            ratio = eta * w_norm / (g_norm + weight_decay * w_norm + epsilon)
+        local_lr = min(ratio, lr) if clip else lr * ratio
+    update = local_lr * (g + weight_decay * w)
+    if momentum == 0:
+        return w - update, v
+    v = momentum * v + update
+    if nesterov:
+        return w - (momentum * v + update), v
+    return w - v, v
+
+
+def expected_flags(variables, kwargs):
+    def excluded(rule, v):
+        if rule is None:
+            return False
+        if callable(rule):
+            return len(v.shape) <= 1
+        return any(re.search(p, v.path) for p in rule)
+
+    adapted = [
+        not excluded(kwargs.get("exclude_from_adaptation"), v) for v in variables
+    ]
+    decays = [
+        0.0
+        if excluded(kwargs.get("exclude_from_weight_decay"), v)
+        else kwargs.get("weight_decay", 0.0)
+        for v in variables
+    ]
+    return adapted, decays
+
+
+def reference_run(weights, grad_steps, lr, adapted, decays, kwargs, skip=()):
+    hyper = dict(
+        momentum=kwargs.get("momentum", 0.9),
+        eta=kwargs.get("trust_coefficient", 0.001),
+        epsilon=kwargs.get("epsilon", 0.0),
+        nesterov=kwargs.get("nesterov", False),
+        clip=kwargs.get("clip", False),
+    )
+    weights = [w.astype(np.float64) for w in weights]
+    velocities = [np.zeros_like(w) for w in weights]
+    for step, grads in enumerate(grad_steps):
+        if step in skip:
+            continue
+        for i, g in enumerate(grads):
+            weights[i], velocities[i] = reference_step(
+                weights[i], velocities[i], g, lr,
+                weight_decay=decays[i], adapted=adapted[i], **hyper,
+            )  # fmt: skip
+    return weights, velocities
+
+
+def small_model(name="model"):
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(5, name="fc")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def random_problem(seed, num_steps=3):
+    rng = np.random.default_rng(seed)
+    variables = small_model().trainable_variables
+    for v in variables:
+        v.assign(rng.normal(size=v.shape).astype(np.float32))
+    grad_steps = [
+        [(rng.normal(size=v.shape) * rng.uniform(0.01, 2)).astype(np.float32)
+         for v in variables]
+        for _ in range(num_steps)
+    ]  # fmt: skip
+    return variables, [keras.ops.convert_to_numpy(v) for v in variables], grad_steps
+
+
+def relative_error(got, want):
+    """Largest |got - want|, relative to the largest |want| of each array."""
+    return max(
+        float(
+            np.abs(keras.ops.convert_to_numpy(g) - w).max()
+            / max(np.abs(w).max(), 1e-30)
+        )
+        for g, w in zip(got, want, strict=True)
+    )
+
+
+CASES = {
+    "plain": dict(momentum=0.9),
+    "no_momentum_decay": dict(momentum=0.0, weight_decay=1e-2),
+    "tiny_momentum_decay": dict(momentum=1e-40, weight_decay=1e-2),
+    "numpy_scalars": dict(momentum=np.float32(0.9), weight_decay=np.float64(1e-3)),
+    "nesterov": dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "clip": dict(momentum=0.9, clip=True, weight_decay=1e-3),
+    "weight_decay_epsilon": dict(momentum=0.9, weight_decay=5e-3, epsilon=1e-5),
+    "regex_exclusion": dict(
+        momentum=0.9,
+        weight_decay=1e-2,
+        exclude_from_adaptation=["bias$", r"bn\d/"],
+        exclude_from_weight_decay=["bn1/beta"],
+    ),
+    "predicate_exclusion": dict(
+        momentum=0.9,
+        weight_decay=1e-2,
+        nesterov=True,
+        exclude_from_adaptation=lars_tf.exclude_bias_and_norm,
+        exclude_from_weight_decay=lars_tf.exclude_bias_and_norm,
+    ),
+}
+
+
+def check_reference_cases():
+    errors = {}
+    for case, kwargs in CASES.items():
+        variables, weights, grad_steps = random_problem(seed=len(case))
+        lr = 0.7 if kwargs.get("clip") else 1.5
+        optimizer = lars_tf.LARS(learning_rate=lr, **kwargs)
+        for grads in grad_steps:
+            optimizer.apply_gradients(zip(grads, variables))
+        adapted, decays = expected_flags(variables, kwargs)
+        want, _ = reference_run(weights, grad_steps, lr, adapted, decays, kwargs)
+        errors[case] = relative_error(variables, want)
+    return errors
+
+
+def check_zero_norms():
+    """Zero weight, then zero gradient: ratio 1, moves at the global rate."""
+    zero_weight = keras.Variable(np.zeros((3, 4), np.float32), name="zero_w")
+    weight = keras.Variable(np.full((5,), 2.0, np.float32), name="w")
+    optimizer = lars_tf.LARS(learning_rate=0.1, weight_decay=1e-2)
+    optimizer.apply_gradients(
+        [(np.ones((3, 4), np.float32), zero_weight), (np.zeros(5, np.float32), weight)]
+    )
+    # By hand: -0.1 * 1, and 2 - 0.1 * (0 + 0.01 * 2).
+    return relative_error(
+        [zero_weight, weight], [np.full((3, 4), -0.1), np.full(5, 1.998)]
+    )
+
+
+def check_skip_nonfinite():
+    """A NaN gradient at step 1 changes nothing; the steps after go on as if absent."""
+    kwargs = dict(momentum=0.9, weight_decay=1e-3, skip_nonfinite=True)
+    variables, weights, grad_steps = random_problem(seed=5, num_steps=4)
+    grad_steps[1][0] = grad_steps[1][0].copy()
+    grad_steps[1][0].flat[3] = np.nan
+    optimizer = lars_tf.LARS(learning_rate=1.5, **kwargs)
+    report = {}
+    for step, grads in enumerate(grad_steps):
+        before = [
+            keras.ops.convert_to_numpy(v) for v in variables + optimizer.variables
+        ]
+        optimizer.apply_gradients(zip(grads, variables))
+        if step == 1:
+            after = [
+                keras.ops.convert_to_numpy(v) for v in variables + optimizer.variables
+            ]
+            report["changed_by_nan_step"] = max(
+                float(np.abs(a - b).max()) for a, b in zip(after, before)
+            )
+    adapted, decays = expected_flags(variables, kwargs)
+    want, velocities = reference_run(
+        weights, grad_steps, 1.5, adapted, decays, kwargs, skip={1}
+    )
+    report["weights_vs_reference"] = relative_error(variables, want)
+    report["slots_vs_reference"] = relative_error(
+        optimizer.momentums, [-v for v in velocities]
+    )
+    report["iterations"] = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    return report
+
+
+def fit_data(n=128, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6, 6, 3)).astype(np.float32)
+    y = np.argmax(x.reshape(n, -1) @ rng.normal(size=(108, 5)), axis=1)
+    return x, y
+
+
+def compiled_model(**lars_kwargs):
+    keras.utils.set_random_seed(0)
+    model = small_model()
+    model.compile(
+        optimizer=lars_tf.LARS(
+            learning_rate=1.0, trust_coefficient=0.01, weight_decay=1e-4, **lars_kwargs
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def check_fit_and_save_load():
+    x, y = fit_data()
+    fit = dict(batch_size=16, verbose=0, shuffle=False)
+    kwargs = dict(nesterov=True, exclude_from_adaptation=lars_tf.exclude_bias_and_norm)
+    straight = compiled_model(**kwargs)
+    losses = straight.fit(x, y, epochs=4, **fit).history["loss"]
+
+    first = compiled_model(**kwargs)
+    first.fit(x, y, epochs=2, **fit)
+    path = os.path.join(tempfile.mkdtemp(), "m.keras")
+    first.save(path)
+    restored = keras.saving.load_model(path)
+    slots_after_load = relative_error(
+        restored.optimizer.variables,
+        [keras.ops.convert_to_numpy(v) for v in first.optimizer.variables],
+    )
+    restored.fit(x, y, epochs=2, **fit)
+    return {
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "restored_class": type(restored.optimizer).__name__,
+        "restored_config_equal": restored.optimizer.get_config()
+        == first.optimizer.get_config(),
+        "slots_after_load_max_diff": slots_after_load,
+        "resumed_vs_straight": relative_error(
+            restored.weights, [keras.ops.convert_to_numpy(w) for w in straight.weights]
+        ),
+    }
+
+
+def check_config_round_trip():
+    optimizer = lars_tf.LARS(
+        learning_rate=lars_tf.WarmupPolynomialDecay(2.0, 100, warmup_steps=10),
+        momentum=0.8, weight_decay=1e-4, trust_coefficient=0.002, epsilon=1e-7,
+        nesterov=True, clip=True, exclude_from_adaptation=["bias", "bn"],
+        exclude_from_weight_decay=lars_tf.exclude_bias_and_norm, skip_nonfinite=True,
+        clipnorm=1.0, name="my_lars",
+    )  # fmt: skip
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(optimizer)))
+    restored = keras.saving.deserialize_keras_object(config)
+    return (
+        restored.get_config() == optimizer.get_config()
+        and restored.weight_decay_exclusion is lars_tf.exclude_bias_and_norm
+    )
+
+
+def check_mixed_precision(policy):
+    x, y = fit_data()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6, 6, 3))
+        h = keras.layers.Conv2D(4, 3)(inputs)
+        h = keras.layers.Flatten()(keras.layers.ReLU()(h))
+        logits = keras.layers.Dense(5, dtype="float32")(h)
+        model = keras.Model(inputs, logits)
+        model.compile(
+            lars_tf.LARS(1.0, trust_coefficient=0.01, weight_decay=1e-4),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        losses = model.fit(x, y, batch_size=16, epochs=4, verbose=0).history["loss"]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    return {
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "finite": bool(np.all(np.isfinite(losses))),
+        "slot_dtypes": sorted({str(m.dtype) for m in optimizer.momentums}),
+    }
+
+
+def check_schedule_and_warmup():
+    """The rate each step applied, with a unit gradient: w * 1 toward -100 (MAE)."""
+    schedule = lars_tf.WarmupPolynomialDecay(0.5, decay_steps=20)
+    model = keras.Sequential(
+        [
+            keras.Input((1,)),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(schedule), loss="mean_absolute_error")
+    weights = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            # Through `self.model`: on JAX that attaches the step's state.
+            weight = keras.ops.convert_to_numpy(self.model.weights[0])
+            weights.append(float(weight.ravel()[0]))
+
+    ones = np.ones((8, 1), np.float32)
+    warmup = lars_tf.LearningRateWarmup(warmup_steps=4)
+    model.fit(ones, -100 * ones, batch_size=1, shuffle=False, verbose=0,
+              callbacks=[warmup, Record()])  # fmt: skip
+    applied = -np.diff([0.0, *weights])
+    steps = np.arange(8, dtype=np.float64)
+    poly = 0.5 * (1 - steps / 20) ** 2
+    expected = np.where(steps < 4, poly * steps / 4, poly)
+    return float(np.abs(applied - expected).max())
+
+
+def check_monitor():
+    """Norms and rates of a linear model with an MSE loss, whose gradient is known."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 4)).astype(np.float32)
+    y = rng.normal(size=(8, 3)).astype(np.float32)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc")])
+    model.compile(
+        lars_tf.LARS(0.5, weight_decay=1e-2, trust_coefficient=0.02,
+                     exclude_from_adaptation=lars_tf.exclude_bias_and_norm),
+        "mean_squared_error",
+    )  # fmt: skip
+    model.layers[0].bias.assign(rng.normal(size=3).astype(np.float32))
+    monitor = lars_tf.TrustRatioMonitor((x, y))
+    monitor.set_model(model)
+    stats = monitor.measure()
+    kernel, bias = (
+        keras.ops.convert_to_numpy(v).astype(np.float64) for v in model.weights
+    )
+    residual = x.astype(np.float64) @ kernel + bias - y
+    grads = [2 * x.T @ residual / residual.size, 2 * residual.sum(0) / residual.size]
+    w_norms = np.array([np.linalg.norm(kernel), np.linalg.norm(bias)])
+    g_norms = np.array([np.linalg.norm(g) for g in grads])
+    kernel_rate = 0.5 * 0.02 * w_norms[0] / (g_norms[0] + 1e-2 * w_norms[0])
+    return {
+        "names": [row.name for row in stats],
+        "weight_norms": relative_error([[r.weight_norm for r in stats]], [w_norms]),
+        "gradient_norms": relative_error([[r.gradient_norm for r in stats]], [g_norms]),
+        "rates": relative_error(
+            [[r.effective_learning_rate for r in stats]], [np.array([kernel_rate, 0.5])]
+        ),
+    }
+
+
+def main():
+    backend = keras.backend.backend()
+    policies = ["mixed_bfloat16"] + (["mixed_float16"] if backend != "torch" else [])
+    report = {
+        "backend": backend,
+        "reference": check_reference_cases(),
+        "zero_norms": check_zero_norms(),
+        "skip_nonfinite": check_skip_nonfinite(),
+        "config_round_trip": check_config_round_trip(),
+        "fit_save_load": check_fit_and_save_load(),
+        "mixed_precision": {p: check_mixed_precision(p) for p in policies},
+        "warmup_max_abs_diff": check_schedule_and_warmup(),
+        "monitor": check_monitor(),
+    }
+    report["tensorflow_imported"] = "tensorflow" in sys.modules
+    print(json.dumps(report, default=lambda v: None if math.isnan(v) else v))
+
+
+if __name__ == "__main__":
+    main()
