@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from train import convert_images, data
+from train import convert_images, data, shared_data_dir
 
 CLASSES = ("n01440764", "n02102040", "n03000684")  # Sorted synset folder names.
 PER_CLASS = 4
@@ -172,7 +172,7 @@ def test_missing_input_folder_is_named(tmp_path):
         )
 
 
-IMAGENETTE = os.path.join(data.shared_data_dir(), "imagenette2-224")
+IMAGENETTE = os.path.join(shared_data_dir(), "imagenette2-224")
 
 
 @pytest.mark.skipif(

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from train import data, preprocessing
+from train import UserError, data, preprocessing, sources
 
 NUM_TRAIN_FILES = 4
 PER_FILE = 6
 HEIGHT, WIDTH = 40, 56  # Not square, so crops and aspect ratios matter.
-MEAN = np.array(preprocessing.IMAGENET_MEAN_RGB, np.float64)
-STD = np.array(preprocessing.IMAGENET_STDDEV_RGB, np.float64)
+MEAN = np.array([0.485, 0.456, 0.406], np.float64) * 255  # ImageNet statistics.
+STD = np.array([0.229, 0.224, 0.225], np.float64) * 255
 
 
 def _image(rng: np.random.Generator) -> np.ndarray:
@@ -391,32 +391,46 @@ def bad_dir(tmp_path):
     return tmp_path
 
 
-def test_corrupt_record_is_skipped_and_counted(bad_dir):
+def test_undecodable_record_is_skipped_counted_and_named(bad_dir, capfd):
     input_fn = _input_fn(str(bad_dir), num_classes=2)
     _, labels = _collect(input_fn())
-    assert len(labels) == 5
+    np.testing.assert_array_equal(np.sort(labels), [0, 0, 0, 1, 1])
+    assert input_fn.skipped_records() == 1
+    name = f"{bad_dir / 'validation-00000-of-00001'} record 3"
+    assert input_fn.skipped_record_names() == [name]
+    assert name in capfd.readouterr().err  # Printed whatever TF's log level.
+    _collect(input_fn())  # A second pass: the same record, counted once.
     assert input_fn.skipped_records() == 1
 
 
-def test_corrupt_record_is_an_error_when_strict(bad_dir):
-    input_fn = _input_fn(str(bad_dir), num_classes=2, strict=True)
-    with pytest.raises(tf.errors.InvalidArgumentError):
+def test_undecodable_records_over_the_bound_stop_the_pipeline(bad_dir):
+    input_fn = _input_fn(str(bad_dir), num_classes=2, max_skipped_records=0)
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
         _collect(input_fn())
+    assert str(data.user_error(error.value)) == (
+        "more than --max_skipped_records=0 records do not decode; the last: "
+        f"{bad_dir / 'validation-00000-of-00001'} record 3"
+    )
 
 
-def test_label_out_of_range_names_the_file(bad_dir):
+def test_label_out_of_range_names_the_record(bad_dir):
     input_fn = _input_fn(str(bad_dir), num_classes=1)  # Stored label 2 is invalid.
     with pytest.raises(tf.errors.InvalidArgumentError) as error:
         _collect(input_fn())
-    assert "validation-00000-of-00001" in str(error.value)
-    assert "Label out of range" in str(error.value)
+    assert str(data.user_error(error.value)) == (
+        f"label out of range: {bad_dir / 'validation-00000-of-00001'} record 4 has "
+        "label 2 (allowed: 1..1, from label_offset=1 and num_classes=1)"
+    )
 
 
 def test_missing_dir_names_path_and_patterns(tmp_path):
     missing = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="nowhere.*train-\\*-of-\\*"):
-        _input_fn(missing, split="train")()
-    with pytest.raises(FileNotFoundError, match="validation-\\*-of-\\*.*" + "tmp"):
+    with pytest.raises(UserError, match=f"^--data_dir={missing}: no such folder"):
+        _input_fn(missing, split="train")
+    with pytest.raises(UserError, match="no ImageNet TFRecords .train-\\*-of-\\*"):
+        _input_fn(str(tmp_path))
+    _write(str(tmp_path / "train-00000-of-00001"), [])
+    with pytest.raises(UserError, match="no validation files matching valid"):
         _input_fn(str(tmp_path))()
 
 
@@ -472,7 +486,7 @@ def _write_idx(path, array: np.ndarray) -> None:
 def mnist_dir(tmp_path):
     rng = np.random.default_rng(2)
     arrays = {}
-    for split, (images_name, labels_name) in data.IDX_FILES.items():
+    for split, (images_name, labels_name) in sources.IDX_FILES.items():
         count = 12 if split == "train" else 7
         images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, count, dtype=np.uint8)
@@ -494,11 +508,11 @@ def test_read_idx_returns_stored_array(mnist_dir):
 def test_read_idx_rejects_bad_files(tmp_path):
     bad = tmp_path / "bad-idx"
     bad.write_bytes(b"\x01\x02\x08\x01\x00\x00\x00\x02ab")
-    with pytest.raises(ValueError, match="magic"):
+    with pytest.raises(UserError, match=f"^{bad}: not an IDX file"):
         data.read_idx(str(bad))
     short = tmp_path / "short-idx"
     short.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")
-    with pytest.raises(ValueError, match="5"):
+    with pytest.raises(UserError, match=f"^{short}: header says shape .5,. "):
         data.read_idx(str(short))
 
 
@@ -551,14 +565,14 @@ def test_mnist_training_resizes_and_shards(mnist_dir):
 def test_missing_idx_file_is_named(mnist_dir):
     path, _ = mnist_dir
     os.remove(path / "train-labels-idx1-ubyte.gz")
-    with pytest.raises(FileNotFoundError, match="train-labels-idx1-ubyte.gz"):
+    with pytest.raises(UserError, match="missing train-labels-idx1-ubyte.gz"):
         data.make_input_fn(
             source="mnist",
             split="train",
             data_dir=str(path),
             global_batch_size=4,
             image_size=28,
-        )()
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -621,5 +635,5 @@ def test_tfds_mock_data(tfds_metadata_dir):
 
 def test_tfds_unprepared_dataset_is_an_error(tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    with pytest.raises(FileNotFoundError, match="not prepared.*never downloads"):
+    with pytest.raises(UserError, match="not prepared.*never downloads"):
         data.dataset_info("tfds", str(tmp_path), "mnist")

@@ -28,10 +28,9 @@ it to whole batches.
 
 import tensorflow as tf
 
-from train import AUGMENTATIONS  # noqa: E402  (the names live there, TF-free)
+from train import AUGMENTATIONS
+from train.sources import IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB
 
-IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 MINIMAL_CROP_FRACTION = 0.875
 INCEPTION_AREA_RANGE = (0.08, 1.0)
 INCEPTION_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)

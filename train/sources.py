@@ -25,6 +25,7 @@ import glob
 import gzip
 import json
 import os
+import struct
 import zlib
 
 from train import UserError, shared_data_dir
@@ -244,7 +245,7 @@ def idx_shape(path: str) -> tuple[int, ...]:
     header; raises UserError naming the file when it is not an IDX file of
     unsigned bytes (the type MNIST and Fashion-MNIST use)."""
     try:
-        with _open(path) as raw:
+        with open_binary(path) as raw:
             stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
             magic = stream.read(4)
             if len(magic) < 4 or magic[:2] != b"\0\0":
@@ -278,7 +279,7 @@ def _describe_imagenet(data_dir: str, label_offset: int | None) -> Source:
     info_path = os.path.join(data_dir, INFO_FILENAME)
     if _exists(info_path):
         try:
-            with _open(info_path) as file:
+            with open_binary(info_path) as file:
                 stored = json.load(file)
             facts = dataclasses.replace(
                 facts,
@@ -338,6 +339,80 @@ def _describe_tfds(name: str, data_dir: str | None) -> Source:
     return facts
 
 
+def count_records(path: str) -> int:
+    """The number of records in a TFRecord file, checking its framing.
+
+    A record is a little-endian uint64 data length, the masked CRC32C of those
+    8 bytes, the data, and the data's masked CRC32C. This walks the lengths and
+    checks their checksums without reading the data (one small read per
+    record), so it finds truncated files, garbage and files of another format;
+    a damaged byte inside a record's data is found only when it is read.
+
+    Raises:
+      UserError: naming the file and what is wrong with it.
+    """
+    offset = count = 0
+    try:
+        with open_binary(path, buffered=False) as file:
+            file.seek(0, os.SEEK_END)
+            size = file.tell()
+            while offset < size:
+                file.seek(offset)
+                header = file.read(12)
+                if len(header) < 12:
+                    raise UserError(
+                        f"{path}: truncated TFRecord file: {size} bytes end inside "
+                        f"the header of record {count} (at byte {offset})"
+                    )
+                length, length_crc = struct.unpack("<QI", header)
+                if _masked_crc32c(header[:8]) != length_crc:
+                    if count == 0:
+                        raise UserError(
+                            f"{path}: not a TFRecord file (no valid record header "
+                            "at its start)"
+                        )
+                    raise UserError(
+                        f"{path}: corrupted TFRecord file: the header of record "
+                        f"{count} (at byte {offset}) fails its checksum"
+                    )
+                offset += 12 + length + 4
+                count += 1
+    except OSError as error:
+        raise UserError(f"{path}: unreadable ({_reason(error)})") from None
+    except Exception as error:  # TensorFlow's file system errors (URLs).
+        if type(error).__module__.startswith("tensorflow"):
+            raise UserError(f"{path}: unreadable ({_reason(error)})") from None
+        raise
+    if offset > size:
+        raise UserError(
+            f"{path}: truncated TFRecord file: record {count - 1} ends at byte "
+            f"{offset}, the file has {size} bytes"
+        )
+    return count
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli.
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+    """TFRecord's checksum: CRC32C, rotated right by 15 bits plus a constant."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
 def _require_dir(data_dir: str | None, source: str) -> None:
     if not data_dir or not _isdir(data_dir):
         raise UserError(
@@ -381,10 +456,11 @@ def _glob(pattern: str) -> list[str]:
     return sorted(glob.glob(pattern))
 
 
-def _open(path: str):
-    """A binary file object of a local path or URL."""
+def open_binary(path: str, buffered: bool = True):
+    """A binary file object of a local path or URL; unbuffered local files suit
+    many small reads at scattered offsets."""
     if _is_url(path):
         import tensorflow as tf
 
         return tf.io.gfile.GFile(path, "rb")
-    return open(path, "rb")
+    return open(path, "rb", buffering=-1 if buffered else 0)
