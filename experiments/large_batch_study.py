@@ -1224,10 +1224,10 @@ def main(argv: list[str]) -> None:
     if FLAGS.report:
         print(write_report(FLAGS.output_dir, FLAGS.report_dir, FLAGS.part, FLAGS.seed))
         return
-    from train import data
+    import train
 
     data_dir = FLAGS.part_data_dir or default_part_data_dir(
-        FLAGS.part, FLAGS.data_dir or data.shared_data_dir()
+        FLAGS.part, FLAGS.data_dir or train.shared_data_dir()
     )
     if FLAGS.fair:
         main_fair(settings, data_dir)

@@ -2,14 +2,15 @@
 
 import dataclasses
 import json
+import math
 import os
 
 import pytest
 
+import train
 from experiments import large_batch_study as study
-from train import data
 
-MNIST_DIR = os.path.join(data.shared_data_dir(), "mnist")
+MNIST_DIR = os.path.join(train.shared_data_dir(), "mnist")
 
 
 def _summary(
@@ -268,3 +269,179 @@ def test_report_writes_markdown_and_two_pngs(tmp_path):
     for plot in ("accuracy_vs_batch", "largest_batch_curves"):
         path = report_dir / f"mnist_small_alexnet_bn_e2_w1_{plot}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------
+# The fair protocol
+
+
+def test_validation_split_is_fixed_disjoint_and_covers_the_training_set():
+    train, val = study.validation_split_indices(1000)
+    assert len(val) == 100 and len(train) == 900
+    assert not set(train) & set(val)
+    assert sorted(set(train) | set(val)) == list(range(1000))
+    again_train, again_val = study.validation_split_indices(1000)
+    assert list(again_val) == list(val) and list(again_train) == list(train)
+    assert list(val) != list(range(100))  # A random draw, not the first 10%.
+
+
+def _fair_template():
+    return study.RunConfig(
+        part="mnist",
+        model="small_alexnet_bn",
+        optimizer="sgd",
+        batch_size=128,
+        base_lr=0.0,
+        base_batch_size=128,
+        epochs=3,
+        warmup_epochs=0.0,
+        seed=0,
+        model_params=10,
+        precise_bn=True,
+        validation=True,
+    )
+
+
+def _fake_fair_runner(val_top1_of):
+    """(run, load, ran): ``run`` records a config and a summary whose held-out
+    top-1 is ``val_top1_of(config)`` and whose test top-1 is its opposite, so a
+    selection that read the test set would pick the worst setting."""
+    finished, ran = {}, []
+
+    def run(config):
+        ran.append(config)
+        value = val_top1_of(config)
+        finished[config.run_id] = {
+            "run_id": config.run_id,
+            "config": dataclasses.asdict(config),
+            "peak_lr": config.peak_lr,
+            "final_val_top1": value,
+            "final_test_top1": 1.0 - value,
+            "diverged": False,
+            "wall_time_s": 1.0,
+        }
+
+    return run, lambda: list(finished.values()), ran
+
+
+def test_fair_protocol_chooses_on_the_held_out_split_with_equal_budgets():
+    def val_top1_of(config):
+        # Best at 0.05 for the base batch; at 8192 best below square-root
+        # scaling (0.05 / 8), so the grid extends past its low edge; the longer
+        # warm-up helps at 8192 only.
+        best = 0.05 if config.batch_size == 128 else 0.003
+        score = 0.9 - 0.01 * abs(math.log(config.base_lr / best))
+        if config.batch_size == 8192 and config.warmup_epochs == 2.0:
+            score += 0.005
+        return score + 0.001 * config.seed
+
+    run, load, ran = _fake_fair_runner(val_top1_of)
+    chosen = study.run_fair_protocol(
+        _fair_template(), [128, 8192], ["sgd"], (1.0, 2.0), (1, 2), run, load
+    )
+    got = [(c.batch_size, c.base_lr, c.warmup_epochs, c.seed) for c in ran]
+    assert got == [
+        (128, 0.0125, 1.0, 0),
+        (128, 0.05, 1.0, 0),
+        (128, 0.2, 1.0, 0),
+        (128, 0.05, 2.0, 0),  # The best rate with the longer warm-up.
+        (128, 0.05, 1.0, 1),
+        (128, 0.05, 1.0, 2),
+        # 0.05 * 64**-0.5, 0.05 * 64**-0.25 (4 digits), 0.05: sqrt to linear.
+        (8192, 0.00625, 1.0, 0),
+        (8192, 0.01768, 1.0, 0),
+        (8192, 0.05, 1.0, 0),
+        (8192, 0.002209, 1.0, 0),  # One step (x 0.00625 / 0.01768) past the edge.
+        (8192, 0.002209, 2.0, 0),
+        (8192, 0.002209, 2.0, 1),
+        (8192, 0.002209, 2.0, 2),
+    ]
+    assert chosen[(128, "sgd")].base_lr == 0.05
+    assert chosen[(128, "sgd")].warmup_epochs == 1.0
+    assert (chosen[(8192, "sgd")].base_lr, chosen[(8192, "sgd")].warmup_epochs) == (
+        0.002209,
+        2.0,
+    )
+
+
+def test_fair_protocol_dry_run_stops_where_results_are_missing():
+    ran = []
+    chosen = study.run_fair_protocol(
+        _fair_template(), [128, 8192], ["lars"], (1.0, 2.0), (1,), ran.append, list
+    )
+    assert [c.base_lr for c in ran] == [1.0, 4.0, 16.0]  # Only the first stage.
+    assert chosen == {(128, "lars"): None, (8192, "lars"): None}
+
+
+def test_fair_summary_reports_test_only_for_the_setting_chosen_on_validation():
+    template = _fair_template()
+    summaries = []
+    for optimizer, batch, rate, seed, val, test in [
+        ("sgd", 128, 0.05, 0, 0.990, 0.9900),
+        ("sgd", 128, 0.05, 1, 0.991, 0.9920),
+        ("sgd", 128, 0.2, 0, 0.980, 0.9990),  # Best on test: must not count.
+        ("lars", 8192, 0.5, 0, 0.985, 0.9800),
+        ("lars", 8192, 0.5, 1, 0.984, 0.9700),
+        ("lars", 8192, 0.5, 2, 0.983, 0.9600),
+        ("lars", 8192, 2.0, 0, 0.600, 0.6000),
+    ]:
+        config = dataclasses.replace(
+            template,
+            optimizer=optimizer,
+            batch_size=batch,
+            base_lr=rate,
+            warmup_epochs=1.0,
+            seed=seed,
+        )
+        summaries.append(
+            {
+                "run_id": config.run_id,
+                "config": dataclasses.asdict(config),
+                "peak_lr": config.peak_lr,
+                "final_val_top1": val,
+                "final_test_top1": test,
+                "diverged": False,
+                "wall_time_s": 1.0,
+            }
+        )
+    rows = study.fair_summary_table(summaries).splitlines()
+    # SGD at 128: tests 99.00 and 99.20 -> mean 99.10, sample std 0.14.
+    assert (
+        rows[2]
+        == "| 128 | sgd | 2 | 0.05 | 0.05 | 1 | 99.00 | 99.10 ± 0.14 | 2 | +0.00 |"
+    )
+    # LARS at 8192: tests 98, 97, 96 -> 97.00 ± 1.00, 2.10 points below 99.10.
+    assert (
+        rows[3]
+        == "| 8192 | lars | 2 | 0.5 | 32 | 1 | 98.50 | 97.00 ± 1.00 | 3 | -2.10 |"
+    )
+    assert "99.90" not in study.fair_runs_table(summaries)  # No test column.
+
+
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(MNIST_DIR, "train-images-idx3-ubyte.gz")),
+    reason=f"MNIST IDX files not found in {MNIST_DIR} (set LARS_TF_DATA_DIR)",
+)
+def test_tiny_fair_run_selects_on_held_out_split_and_tests_once(tmp_path):
+    split = study.held_out_split("mnist", MNIST_DIR)
+    assert (len(split.train_labels), len(split.val_labels)) == (54000, 6000)
+    assert len(split.test_labels) == 10000
+    config = dataclasses.replace(
+        _fair_template(),
+        optimizer="lamb",
+        batch_size=64,
+        base_lr=0.004,
+        epochs=1,
+        warmup_epochs=0.5,
+        model_params=0,
+        train_examples=128,
+        eval_examples=100,
+    )
+    assert config.run_id.endswith("_pbn_val")
+    assert study.run_if_missing(config, str(tmp_path), MNIST_DIR)
+    summary = study.load_summaries(str(tmp_path))[0]
+    assert "final_top1" not in summary and "test_top1_per_epoch" not in summary
+    assert len(summary["val_top1_per_epoch"]) == 1
+    assert summary["final_val_top1_moving_bn"] == summary["val_top1_per_epoch"][0]
+    for key in ("final_val_top1", "final_test_top1"):
+        assert 0.0 <= summary[key] <= 1.0
