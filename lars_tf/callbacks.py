@@ -14,6 +14,7 @@ import time
 import keras
 from keras import ops
 
+from lars_tf import validation
 from lars_tf.schedules import ScheduleWithWarmup, linear_warmup
 
 
@@ -109,23 +110,20 @@ class LearningRateWarmup(StepCounter):
                 "Give exactly one of `warmup_steps` and `warmup_epochs`. Received: "
                 f"warmup_steps={warmup_steps}, warmup_epochs={warmup_epochs}"
             )
-        if warmup_steps is not None and warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be >= 0. Received: {warmup_steps}")
-        if warmup_epochs is not None and warmup_epochs < 0:
-            raise ValueError(f"`warmup_epochs` must be >= 0. Received: {warmup_epochs}")
-        if steps_per_epoch is not None and steps_per_epoch <= 0:
-            raise ValueError(
-                f"`steps_per_epoch` must be > 0. Received: {steps_per_epoch}"
-            )
-        if initial_learning_rate < 0:
-            raise ValueError(
-                "`initial_learning_rate` must be >= 0. "
-                f"Received: {initial_learning_rate}"
+        if warmup_steps is not None:
+            warmup_steps = validation.check_warmup_steps(warmup_steps)
+        if warmup_epochs is not None:
+            warmup_epochs = validation.check_number("warmup_epochs", warmup_epochs, 0.0)
+        if steps_per_epoch is not None:
+            steps_per_epoch = validation.check_integer(
+                "steps_per_epoch", steps_per_epoch, 1
             )
         self.warmup_steps = warmup_steps
         self.warmup_epochs = warmup_epochs
         self.steps_per_epoch = steps_per_epoch
-        self.initial_learning_rate = float(initial_learning_rate)
+        self.initial_learning_rate = validation.check_learning_rate(
+            initial_learning_rate, "initial_learning_rate"
+        )
         self.verbose = verbose
         self._target = None  # Constant target rate; None while unknown.
         self._schedule = None  # The installed ScheduleWithWarmup, if any.
@@ -217,12 +215,8 @@ class Throughput(StepCounter):
 
     def __init__(self, batch_size: int, skip_steps: int = 2, verbose: int = 0):
         super().__init__()
-        if batch_size <= 0:
-            raise ValueError(f"`batch_size` must be > 0. Received: {batch_size}")
-        if skip_steps < 0:
-            raise ValueError(f"`skip_steps` must be >= 0. Received: {skip_steps}")
-        self.batch_size = int(batch_size)
-        self.skip_steps = int(skip_steps)
+        self.batch_size = validation.check_integer("batch_size", batch_size, 1)
+        self.skip_steps = validation.check_integer("skip_steps", skip_steps, 0)
         self.verbose = verbose
         self.step_times: list[float] = []
         self._batches_seen = 0

@@ -57,17 +57,17 @@ class LARS(keras.optimizers.Optimizer):
     and weight decay change every row anyway.
 
     The momentum slot of each variable stores `-v`, the convention of Keras's
-    `SGD`, on every backend, so a `.keras` file saved on one backend resumes
-    on another. On TensorFlow the update after the two norms is one fused
+    `SGD`, on every backend. On TensorFlow the update after the two norms is one fused
     `ResourceApplyKerasMomentum` kernel (plus, without Nesterov and with
     momentum >= 0.01, one in-place kernel that folds the weight decay into
     the slot); on JAX and PyTorch it is written with `keras.ops`. Both paths
     take the local rate from `lars_tf.rule.local_learning_rate`.
 
-    A non-finite gradient (NaN or inf) in any variable makes that variable's
-    norm, ratio and update non-finite: by default its weights and slot become
-    NaN and stay so. With `skip_nonfinite=True` such a step changes no weight
-    and no slot of any variable, and `iterations` does not advance, so the
+    A NaN anywhere in a variable's gradient makes its norm, ratio and whole
+    update NaN: by default all its weights and its slot become NaN and stay
+    so (an inf makes the elements it is in NaN). With `skip_nonfinite=True` a
+    step whose gradient has a NaN or inf in any variable changes no weight and
+    no slot of any variable, and `iterations` does not advance, so the
     learning-rate schedule does not move either; the next finite step
     proceeds as if the bad one had never been given.
 
@@ -214,6 +214,26 @@ class LARS(keras.optimizers.Optimizer):
         index = self._get_variable_index(variable)
         return self._adapted[index], self._decay_rates[index]
 
+    def local_learning_rate(
+        self, weight_norm, gradient_norm, learning_rate, *, weight_decay, adapted
+    ):
+        """The step size this optimizer applies to a variable's decayed gradient.
+
+        `lars_tf.rule.local_learning_rate` with this optimizer's trust
+        coefficient, epsilon and `clip`, for a variable with these norms, its
+        weight decay and whether it is adapted (see `variable_settings`).
+        """
+        return local_learning_rate(
+            weight_norm,
+            gradient_norm,
+            learning_rate,
+            weight_decay=weight_decay,
+            trust_coefficient=self.trust_coefficient,
+            epsilon=self.epsilon,
+            clip=self.clip,
+            adapted=adapted,
+        )
+
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         if not self.skip_nonfinite:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
@@ -292,14 +312,11 @@ class LARS(keras.optimizers.Optimizer):
     ):
         """The JAX and PyTorch path, the same formula as the TensorFlow kernels."""
         weights = variable.value
-        rate = local_learning_rate(
+        rate = self.local_learning_rate(
             ops.sqrt(ops.sum(ops.square(weights))),
             ops.sqrt(ops.sum(ops.square(gradient))),
             learning_rate,
             weight_decay=weight_decay,
-            trust_coefficient=self.trust_coefficient,
-            epsilon=self.epsilon,
-            clip=self.clip,
             adapted=adapted,
         )
         if weight_decay:
@@ -365,8 +382,10 @@ def _agree_across_replicas(finite):
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return finite
-    finite = context.all_reduce(tf.distribute.ReduceOp.MIN, tf.cast(finite, tf.int32))
-    return finite > 0
+    nonfinite_replicas = context.all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.float32)
+    )
+    return nonfinite_replicas == 0
 
 
 def _check_exclusion(name, exclusion):

@@ -22,14 +22,16 @@ def trust_ratio(
     `trust_coefficient * ||w|| / (||g|| + weight_decay * ||w|| + epsilon)`,
     and 1 where `||w||` or `||g||` is zero, so the result is always finite for
     finite norms: a fresh zero-initialized variable, or one that gets no
-    gradient, moves at the global rate.
+    gradient, moves at the global rate. A NaN norm gives a NaN ratio.
     """
     ratio = ops.divide_no_nan(
         trust_coefficient * weight_norm,
         gradient_norm + weight_decay * weight_norm + epsilon,
     )
-    both_nonzero = ops.logical_and(weight_norm > 0, gradient_norm > 0)
-    return ops.where(both_nonzero, ratio, ops.ones_like(ratio))
+    # Written as "either is zero", not "both are positive", so that a NaN norm
+    # gives a NaN ratio rather than the ratio 1 of the global rate.
+    either_zero = ops.logical_or(weight_norm == 0, gradient_norm == 0)
+    return ops.where(either_zero, ops.ones_like(ratio), ratio)
 
 
 def local_learning_rate(

@@ -2,7 +2,7 @@
 
 The paper's Table 2 shows, per layer, ``||w||``, ``||g||`` and their ratio;
 the monitor records them, and the local learning rate the optimizer applies,
-computed with `lars_tf.rule.local_learning_rate` as LARS itself computes it.
+computed by `LARS.local_learning_rate`, as LARS itself computes it.
 """
 
 import importlib.util
@@ -14,7 +14,6 @@ from keras import ops
 
 from lars_tf.callbacks import StepCounter, inner_optimizer
 from lars_tf.lars import LARS
-from lars_tf.rule import local_learning_rate
 
 
 class VariableStats(NamedTuple):
@@ -57,7 +56,7 @@ class TrustRatioMonitor(StepCounter):
     The effective learning rate is what the model's optimizer applies: for
     ``lars_tf.LARS``, ``lr * trust_ratio`` (``min(trust_ratio, lr)`` with
     ``clip=True``, ``lr`` for variables excluded from adaptation), using
-    ``lars_tf.rule.local_learning_rate`` with each variable's settings; for
+    ``LARS.local_learning_rate`` with each variable's settings; for
     any other optimizer, ``lr``. ``lr`` is the optimizer's rate at its current step.
 
     Args:
@@ -212,15 +211,8 @@ class TrustRatioMonitor(StepCounter):
         return [
             float(
                 ops.convert_to_numpy(
-                    local_learning_rate(
-                        w,
-                        g,
-                        learning_rate,
-                        weight_decay=d,
-                        trust_coefficient=optimizer.trust_coefficient,
-                        epsilon=optimizer.epsilon,
-                        clip=optimizer.clip,
-                        adapted=a,
+                    optimizer.local_learning_rate(
+                        w, g, learning_rate, weight_decay=d, adapted=a
                     )
                 )
             )

@@ -26,7 +26,7 @@ x = rng.normal(size=(64, 6, 6, 3)).astype(np.float32)
 y = rng.integers(0, 5, size=(64,)).astype(np.int32)
 
 
-def make_model(jit_compile):
+def make_model(jit_compile, skip_nonfinite=False):
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [
@@ -44,6 +44,7 @@ def make_model(jit_compile):
             nesterov=True,
             exclude_from_adaptation=lars_tf.exclude_bias_and_norm,
             jit_compile=jit_compile,
+            skip_nonfinite=skip_nonfinite,
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
@@ -107,6 +108,13 @@ for jit in (False, True):
         "moved": max_diff(single, [w.numpy() for w in make_model(jit).weights]),
         "weights": mirrored,
     }
+# The replicas agree on the finite-gradient check (all finite here): same steps.
+with strategy.scope():
+    skipping_model = make_model(False, skip_nonfinite=True)
+report["skip_nonfinite_on_vs_off"] = max_diff(
+    fit(skipping_model), report["jit_off"]["weights"]
+)
+report["skip_nonfinite_iterations"] = int(skipping_model.optimizer.iterations.numpy())
 report["max_abs_diff_jit_on_vs_off"] = max_diff(
     report["jit_on"]["weights"], report["jit_off"]["weights"]
 )

@@ -11,33 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+# The reference, the paper's Algorithm 1 in float64, is shared with the
+# per-backend checks (tests/ is on the path under pytest).
+from backend_check import CASES, expected_flags, reference_step
+
 import lars_tf
-
-# ---------------------------------------------------------------------------
-# The reference: the update rule of the paper (Algorithm 1) with momentum as
-# the issue states it, written from the formula, in float64.
-
-
-def reference_step(
-    w, v, g, lr, *, momentum, weight_decay, eta, epsilon, nesterov, clip, adapted
-):
-    w, g = w.astype(np.float64), g.astype(np.float64)
-    if adapted:
-        w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
-        if w_norm > 0 and g_norm > 0:
-            ratio = eta * w_norm / (g_norm + weight_decay * w_norm + epsilon)
-        else:
-            ratio = 1.0
-        local_lr = min(ratio, lr) if clip else lr * ratio
-    else:
-        local_lr = lr
-    update = local_lr * (g + weight_decay * w)
-    if momentum == 0:
-        return w - update, v
-    v = momentum * v + update
-    if nesterov:
-        return w - (momentum * v + update), v
-    return w - v, v
 
 
 def reference_run(weights, grad_steps, lrs, adapted, decays, **hyper):
@@ -95,51 +73,6 @@ def assert_close_to_reference(variables, expected):
             atol=1e-6 * np.abs(want).max(),
             err_msg=variable.path,
         )
-
-
-CASES = {
-    "plain": dict(momentum=0.9),
-    "no_momentum": dict(momentum=0.0),
-    "nesterov": dict(momentum=0.9, nesterov=True),
-    "clip": dict(momentum=0.9, clip=True, weight_decay=1e-3),
-    "weight_decay": dict(momentum=0.9, weight_decay=5e-3, epsilon=1e-5),
-    "big_eta": dict(momentum=0.8, trust_coefficient=0.02, weight_decay=1e-4),
-    "regex_exclusion": dict(
-        momentum=0.9,
-        weight_decay=1e-2,
-        exclude_from_adaptation=["bias$", r"bn\d/"],
-        exclude_from_weight_decay=["bn1/beta"],
-    ),
-    "predicate_exclusion": dict(
-        momentum=0.9,
-        weight_decay=1e-2,
-        nesterov=True,
-        exclude_from_adaptation=lars_tf.exclude_bias_and_norm,
-        exclude_from_weight_decay=lars_tf.exclude_bias_and_norm,
-    ),
-}
-
-
-def expected_flags(variables, kwargs):
-    """Which variables are adapted and decayed, decided from the paths."""
-
-    def excluded(rule, v):
-        if rule is None:
-            return False
-        if callable(rule):
-            return len(v.shape) <= 1
-        return any(re.search(p, v.path) for p in rule)
-
-    adapted = [
-        not excluded(kwargs.get("exclude_from_adaptation"), v) for v in variables
-    ]
-    decays = [
-        0.0
-        if excluded(kwargs.get("exclude_from_weight_decay"), v)
-        else kwargs.get("weight_decay", 0.0)
-        for v in variables
-    ]
-    return adapted, decays
 
 
 def hyper_of(kwargs):
@@ -568,3 +501,131 @@ def test_distributed_matches_single_device():
         assert report[jit]["mirrored_custom_loop_vs_fit"] < 1e-5, report
         assert report[jit]["moved"] > 0.1, report  # training really happened
     assert report["max_abs_diff_jit_on_vs_off"] < 1e-5, report
+    assert report["skip_nonfinite_on_vs_off"] < 1e-6, report
+    assert report["skip_nonfinite_iterations"] == 3 * 64 // 16, report
+
+
+def test_numpy_scalars_are_accepted():
+    optimizer = lars_tf.LARS(
+        learning_rate=np.float32(0.5),
+        momentum=np.float32(0.9),
+        weight_decay=np.float64(1e-4),
+        trust_coefficient=np.float32(0.01),
+        epsilon=np.float16(0),
+    )
+    config = optimizer.get_config()
+    assert type(config["momentum"]) is float
+    assert config["momentum"] == pytest.approx(0.9)
+    assert config["weight_decay"] == 1e-4 and config["trust_coefficient"] > 0
+    json.dumps(config)  # plain Python numbers: serializable
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_skip_nonfinite_leaves_weights_and_slots_then_continues(jit_compile):
+    kwargs = dict(momentum=0.9, weight_decay=1e-3, nesterov=True)
+    variables, weights, grad_steps = random_problem(seed=32, num_steps=4)
+    grad_steps[2][3] = np.full_like(grad_steps[2][3], np.inf)  # one variable
+    grad_steps[2][1] = grad_steps[2][1].copy()
+    grad_steps[2][1].flat[0] = np.nan
+    optimizer = lars_tf.LARS(
+        learning_rate=1.5, skip_nonfinite=True, jit_compile=jit_compile, **kwargs
+    )
+    apply = tf.function(lambda grads: optimizer.apply_gradients(zip(grads, variables)))
+    for step, grads in enumerate(grad_steps):
+        before = [v.numpy() for v in variables + optimizer.variables]
+        apply([tf.constant(g) for g in grads])
+        if step == 2:
+            for want, v in zip(before, variables + optimizer.variables):
+                np.testing.assert_array_equal(v.numpy(), want, err_msg=v.path)
+    assert int(optimizer.iterations.numpy()) == 3  # the skipped step not counted
+    adapted, decays = expected_flags(variables, kwargs)
+    finite_steps = grad_steps[:2] + grad_steps[3:]
+    expected = reference_run(
+        weights, finite_steps, [1.5] * 3, adapted, decays, **hyper_of(kwargs)
+    )
+    assert_close_to_reference(variables, expected)
+
+
+def test_without_skip_a_nonfinite_gradient_poisons_its_variable():
+    """The documented default: one NaN element, the whole variable and slot NaN.
+
+    (Not a trust ratio of 1, which would apply the global rate to the rest.)
+    """
+    variables, _, grad_steps = random_problem(seed=33, num_steps=1)
+    grads = [g.copy() for g in grad_steps[0]]
+    grads[0].flat[0] = np.nan
+    optimizer = lars_tf.LARS(learning_rate=1.0)
+    optimizer.apply_gradients(zip(grads, variables))
+    assert np.all(np.isnan(variables[0].numpy()))
+    assert np.all(np.isnan(optimizer.momentums[0].numpy()))
+    assert np.all(np.isfinite(variables[1].numpy()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(momentum=1.0), "`momentum` must be a finite number in [0, 1)"),
+        (dict(momentum=np.float32("nan")), "`momentum` must be a finite number"),
+        (
+            dict(weight_decay=float("inf")),
+            "`weight_decay` must be a finite number >= 0",
+        ),
+        (dict(trust_coefficient=0), "`trust_coefficient` must be a finite number > 0"),
+        (dict(epsilon=True), "`epsilon` must be a finite number >= 0"),
+    ],
+)
+def test_bad_arguments_name_the_allowed_range(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lars_tf.LARS(**kwargs)
+
+
+def test_validation_module_needs_neither_keras_nor_tensorflow():
+    """lars_tf/validation.py runs alone, with Keras and TensorFlow unimportable."""
+    path = os.path.join(os.path.dirname(lars_tf.__file__), "validation.py")
+    code = f"""
+import importlib.util, sys
+sys.modules["keras"] = sys.modules["tensorflow"] = None
+spec = importlib.util.spec_from_file_location("validation", {path!r})
+validation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(validation)
+print(validation.check_momentum(0.9), validation.check_warmup_steps(5.0))
+try:
+    validation.check_momentum(1.5, "--momentum")
+except ValueError as error:
+    print(error)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "0.9 5",
+        "`--momentum` must be a finite number in [0, 1). Received: 1.5",
+    ]
+
+
+@pytest.mark.parametrize(
+    "check, value, message",
+    [
+        ("check_learning_rate", -1.0, "`learning_rate` must be a finite number >= 0"),
+        ("check_weight_decay", float("nan"), "`weight_decay` must be a finite number"),
+        (
+            "check_trust_coefficient",
+            0.0,
+            "`trust_coefficient` must be a finite number > 0",
+        ),
+        ("check_epsilon", -1e-9, "`epsilon` must be a finite number >= 0"),
+        ("check_power", 0.0, "`power` must be a finite number > 0"),
+        ("check_warmup_steps", 2.5, "`warmup_steps` must be a whole number >= 0"),
+        ("check_warmup_steps", -1, "`warmup_steps` must be a whole number >= 0"),
+        ("check_decay_steps", 0, "`decay_steps` must be a whole number >= 1"),
+    ],
+)
+def test_validation_names_argument_and_range(check, value, message):
+    from lars_tf import validation
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        getattr(validation, check)(value)
+    assert validation.check_learning_rate(np.float32(0.5)) == 0.5
+    with pytest.raises(ValueError, match=re.escape("`lr` must be a finite number > 0")):
+        validation.check_learning_rate(0.0, "lr", allow_zero=False)

@@ -8,8 +8,10 @@ import pytest
 import tensorflow as tf
 
 from lars_tf.schedules import (
+    ScheduleWithWarmup,
     WarmupCosineDecay,
     WarmupPolynomialDecay,
+    linear_warmup,
     scaled_learning_rate,
 )
 
@@ -172,3 +174,38 @@ def test_scaled_learning_rate_bad_arguments(kwargs, argument):
     arguments = {"base_learning_rate": 0.1, "batch_size": 512, **kwargs}
     with pytest.raises(ValueError, match=f"`{argument}`"):
         scaled_learning_rate(**arguments)
+
+
+def test_linear_warmup_hand_computed():
+    assert linear_warmup(0, 4, 0.2, 1.0) == pytest.approx(0.2)
+    assert linear_warmup(3, 4, 0.2, 1.0) == pytest.approx(0.2 + 0.8 * 3 / 4)
+    assert linear_warmup(5, 0, 0.2, 1.0) == pytest.approx(0.2 + 0.8 * 5)  # no 1/0
+    got = linear_warmup(tf.constant([0.0, 2.0]), 4, 0.0, tf.constant(2.0))
+    np.testing.assert_allclose(got.numpy(), [0.0, 1.0])
+
+
+def test_schedule_with_warmup_ramps_any_schedule():
+    inner = keras.optimizers.schedules.PiecewiseConstantDecay([5], [1.0, 0.5])
+    schedule = ScheduleWithWarmup(inner, warmup_steps=4, initial_learning_rate=0.2)
+    got = [_rate(schedule, s) for s in range(8)]
+    want = [0.2 + 0.8 * t / 4 for t in range(4)] + [1.0, 1.0, 0.5, 0.5]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    restored = keras.optimizers.schedules.deserialize(
+        keras.optimizers.schedules.serialize(schedule)
+    )
+    assert [_rate(restored, s) for s in range(8)] == got
+
+
+def test_numpy_scalars_are_accepted():
+    schedule = WarmupPolynomialDecay(
+        np.float32(2.0), decay_steps=np.int64(10), warmup_steps=np.int32(2),
+        power=np.float64(2.0),
+    )  # fmt: skip
+    assert _rate(schedule, 2) == pytest.approx(2.0)
+    assert type(schedule.get_config()["decay_steps"]) is int
+
+
+@pytest.mark.parametrize("power", [float("nan"), float("inf")])
+def test_non_finite_power_is_rejected(power):
+    with pytest.raises(ValueError, match=r"`power` must be a finite number > 0"):
+        WarmupPolynomialDecay(1.0, decay_steps=10, power=power)

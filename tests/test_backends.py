@@ -1,0 +1,85 @@
+"""lars_tf on the TensorFlow, JAX and PyTorch backends, one process each.
+
+Keras picks its backend when it is imported, so each backend runs
+tests/backend_check.py in its own process with KERAS_BACKEND set; the check
+compares LARS with a float64 NumPy version of the paper's Algorithm 1 and
+prints what it measured. JAX is part of the `test` extra; PyTorch is checked
+where it is installed (its CPU wheel is large, see docs/optimizer.md).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHECK = os.path.join(os.path.dirname(__file__), "backend_check.py")
+
+
+def _installed(package):
+    return importlib.util.find_spec(package) is not None
+
+
+BACKENDS = [
+    "tensorflow",
+    pytest.param(
+        "jax",
+        marks=pytest.mark.skipif(not _installed("jax"), reason="jax is not installed"),
+    ),
+    pytest.param(
+        "torch",
+        marks=pytest.mark.skipif(
+            not _installed("torch"),
+            reason="torch is not installed (not in the `test` extra: see "
+            "docs/optimizer.md)",
+        ),
+    ),
+]
+
+
+def run_check(backend):
+    """The check's report; JAX and PyTorch run as if TensorFlow were absent."""
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    arguments = [] if backend == "tensorflow" else ["--without-tensorflow"]
+    result = subprocess.run(
+        [sys.executable, CHECK, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend(backend):
+    report = run_check(backend)
+    assert report["backend"] == backend
+    # The optimizer, schedules and callbacks need no TensorFlow on JAX/PyTorch.
+    assert report["tensorflow_imported"] == (backend == "tensorflow")
+    # Float32 against float64 over 3 steps: a few float32 roundings.
+    for case, error in report["reference"].items():
+        assert error < 1e-6, (case, report["reference"])
+    assert report["zero_norms"] < 1e-6, report
+    skip = report["skip_nonfinite"]
+    assert skip["changed_by_nan_step"] == 0.0, skip
+    assert skip["weights_vs_reference"] < 1e-6, skip
+    assert skip["slots_vs_reference"] < 1e-6, skip
+    assert skip["iterations"] == 3, skip  # 4 steps given, 1 skipped
+    assert report["config_round_trip"], report
+    fit = report["fit_save_load"]
+    assert fit["last_loss"] < 0.9 * fit["first_loss"], fit
+    assert fit["restored_class"] == "LARS" and fit["restored_config_equal"], fit
+    assert fit["slots_after_load_max_diff"] == 0.0, fit
+    assert fit["resumed_vs_straight"] < 1e-6, fit
+    for policy, run in report["mixed_precision"].items():
+        assert run["finite"] and run["last_loss"] < 0.9 * run["first_loss"], policy
+        assert run["slot_dtypes"] == ["float32"], policy
+    assert report["warmup_max_abs_diff"] < 1e-6, report
+    monitor = report["monitor"]
+    assert monitor["names"] == ["fc.w", "fc.b"], monitor
+    for key in ("weight_norms", "gradient_norms", "rates"):
+        assert monitor[key] < 1e-5, monitor
