@@ -616,6 +616,11 @@ BASE_RATE_GRIDS = {
     "lars": (1.0, 4.0, 16.0),
     "lamb": (0.001, 0.004, 0.016),
 }
+# Above the base batch, an optimizer's rate grid scales the base-batch choice
+# of the optimizer named here (itself when absent): heavy-ball and Nesterov
+# momentum share one rate scale, so Nesterov needs no base-batch selection of
+# its own (it would cost as many runs as the large batch's).
+RATE_ANCHOR = {"nesterov": "sgd"}
 # Warm-up lengths tried (epochs): the study's first one, then a longer one.
 WARMUP_CHOICES = {"mnist": (1.0, 2.0), "imagenette": (2.0, 5.0)}
 
@@ -790,7 +795,8 @@ def run_fair_protocol(
     """The fair protocol for each batch in the order given, each optimizer:
     select the rate and warm-up on the held-out split (``select_on_validation``;
     at the base batch over ``BASE_RATE_GRIDS``, elsewhere over
-    ``scaled_rate_grid`` of the base batch's choice), then the chosen setting
+    ``scaled_rate_grid`` of the base batch's choice for the optimizer or its
+    ``RATE_ANCHOR``, selected first if needed), then the chosen setting
     again with each of ``repeat_seeds``. Returns {(batch, optimizer): chosen
     seed-``template.seed`` config, or None when still undecided (a dry run)}.
     """
@@ -802,9 +808,10 @@ def run_fair_protocol(
         if batch == base_batch:
             rates = BASE_RATE_GRIDS[optimizer]
         else:
-            if (base_batch, optimizer) not in chosen:
-                chosen[(base_batch, optimizer)] = choose(base_batch, optimizer)
-            base_choice = chosen[(base_batch, optimizer)]
+            anchor = RATE_ANCHOR.get(optimizer, optimizer)
+            if (base_batch, anchor) not in chosen:
+                chosen[(base_batch, anchor)] = choose(base_batch, anchor)
+            base_choice = chosen[(base_batch, anchor)]
             if base_choice is None:
                 return None
             rates = scaled_rate_grid(base_choice.base_lr, batch, base_batch)

@@ -59,9 +59,9 @@ fair="$study --fair --precise_bn"
 # F1. SGD and LARS at the base batch, then at 64x (the largest), then at 32x.
 $fair --optimizers=sgd,lars --batch_sizes=128,8192
 # F2. The reality check at the largest batch: Nesterov momentum and Keras Lamb,
-#     selected the same way (their base-batch choice anchors their grid; no
-#     extra seeds at the base batch).
-$fair --optimizers=nesterov,lamb --batch_sizes=128 --repeat_seeds=
+#     selected the same way. Lamb's base-batch choice anchors its grid (no
+#     extra seeds at the base batch); Nesterov's grid scales SGD's choice.
+$fair --optimizers=lamb --batch_sizes=128 --repeat_seeds=
 $fair --optimizers=nesterov,lamb --batch_sizes=8192
 # F3. 32x the base.
 $fair --optimizers=sgd,lars --batch_sizes=4096

@@ -364,6 +364,22 @@ def test_fair_protocol_chooses_on_the_held_out_split_with_equal_budgets():
     )
 
 
+def test_nesterov_scales_the_base_batch_choice_of_sgd():
+    run, load, ran = _fake_fair_runner(lambda c: 0.9 if c.base_lr == 0.2 else 0.8)
+    chosen = study.run_fair_protocol(
+        _fair_template(), [128, 8192], ["sgd"], (1.0,), (), run, load
+    )
+    assert chosen[(128, "sgd")].base_lr == 0.2
+    del ran[:]
+    study.run_fair_protocol(
+        _fair_template(), [8192], ["nesterov"], (1.0,), (), run, load
+    )
+    # 0.2 * 64**-0.5, 0.2 * 64**-0.25, 0.2, then past the top edge; SGD's base
+    # runs are reused (skipped by a real run), no Nesterov run at 128.
+    nesterov = [(c.batch_size, c.base_lr) for c in ran if c.optimizer == "nesterov"]
+    assert nesterov == [(8192, 0.025), (8192, 0.07071), (8192, 0.2), (8192, 0.5657)]
+
+
 def test_fair_protocol_dry_run_stops_where_results_are_missing():
     ran = []
     chosen = study.run_fair_protocol(
