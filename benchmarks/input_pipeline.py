@@ -27,7 +27,11 @@ train and 3,925 val real ImageNet JPEGs) into TFRecord shards once (reused from
   random flip; for evaluation a center crop of image_size / (image_size + 32) of
   the shorter side, decoded with ``decode_and_crop_jpeg`` and resized bicubic;
   batches of float32 in 0-255 (the reference normalizes on the accelerator, so
-  it does less host work than our pipelines, which normalize on the host).
+  it does less host work than our pipelines, which normalize on the host);
+- ``minimal_no_normalize`` / ``eval_no_normalize`` / ``extended_no_color``:
+  ablations, our pipelines with the batch normalization replaced by a cast (the
+  host work left if normalization ran on the accelerator) or without the
+  colour distortion (the ``extended`` work left if it ran on the accelerator).
 
 Imagenette's JPEGs are downscaled to 224x224, so decoding them is cheap next to
 the resize every pipeline does. ``--jpeg_size=500x375`` (ImageNet's most common
@@ -45,10 +49,12 @@ goal is >= 1.2). Rounds alternate the variants so a load change hits all of
 them; the spread over rounds is printed.
 """
 
+import contextlib
 import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 from absl import app, flags
 
@@ -78,12 +84,33 @@ VARIANTS = (
     "eval",
     "reference_train",
     "reference_eval",
+    "minimal_no_normalize",
+    "eval_no_normalize",
+    "extended_no_color",
 )
 # Which reference each of our pipelines is compared with.
 REFERENCE_OF = {
     "train_minimal": "reference_train",
     "train_extended": "reference_train",
     "eval": "reference_eval",
+    "minimal_no_normalize": "reference_train",
+    "extended_no_color": "reference_train",
+    "eval_no_normalize": "reference_eval",
+}
+# Ablations: (our pipeline, the preprocessing function replaced while it is
+# built, the replacement).
+ABLATIONS = {
+    "minimal_no_normalize": (
+        "train_minimal",
+        "normalize",
+        lambda images, mean, std, dtype: tf.cast(images, dtype),
+    ),
+    "eval_no_normalize": (
+        "eval",
+        "normalize",
+        lambda images, mean, std, dtype: tf.cast(images, dtype),
+    ),
+    "extended_no_color": ("train_extended", "distort_color", lambda image, _: image),
 }
 REFERENCE_CROP_PADDING = 32  # Evaluation crop: image_size / (image_size + 32).
 flags.DEFINE_list(
@@ -219,7 +246,17 @@ def stage_dataset(
 
 
 def pipeline_dataset(data_dir: str, variant: str) -> tf.data.Dataset:
-    """The project's pipeline: training (repeated) or evaluation (repeated here)."""
+    """The project's pipeline: training (repeated) or evaluation (repeated here);
+    an ablation's function is replaced while the pipeline is traced."""
+    replaced = contextlib.nullcontext()
+    if variant in ABLATIONS:
+        variant, name, replacement = ABLATIONS[variant]
+        replaced = mock.patch.object(preprocessing, name, replacement)
+    with replaced:
+        return _our_pipeline(data_dir, variant)
+
+
+def _our_pipeline(data_dir: str, variant: str) -> tf.data.Dataset:
     augmentation = {"train_minimal": "minimal", "train_extended": "extended"}
     input_fn = data.make_input_fn(
         source="imagenet",
