@@ -28,10 +28,17 @@ train and 3,925 val real ImageNet JPEGs) into TFRecord shards once (reused from
   the shorter side, decoded with ``decode_and_crop_jpeg`` and resized bicubic;
   batches of float32 in 0-255 (the reference normalizes on the accelerator, so
   it does less host work than our pipelines, which normalize on the host);
+- ``service_1_worker`` / ``service_2_workers`` / ``service_2_workers_uint8``:
+  the ``minimal`` training pipeline (float32 or uint8 output) read through a
+  tf.data service (``train.data_service.distribute``) with 1 or 2 workers, all
+  servers in this process (its CPU time counts theirs), against the same
+  pipeline in-process in the same round;
 - ``minimal_no_normalize`` / ``eval_no_normalize`` / ``extended_no_color``:
   ablations, our pipelines with the batch normalization replaced by a cast (the
   host work left if normalization ran on the accelerator) or without the
-  colour distortion (the ``extended`` work left if it ran on the accelerator).
+  colour distortion (the ``extended`` work left if it ran on the accelerator);
+  ``minimal_uint8``: the normalization replaced by rounding to uint8 (the
+  host sends uint8 and the accelerator normalizes).
 
 Imagenette's JPEGs are downscaled to 224x224, so decoding them is cheap next to
 the resize every pipeline does. ``--jpeg_size=500x375`` (ImageNet's most common
@@ -62,7 +69,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # noqa: E402
 
-from train import convert_images, data, preprocessing  # noqa: E402
+from train import convert_images, data, data_service, preprocessing  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -87,6 +94,10 @@ VARIANTS = (
     "minimal_no_normalize",
     "eval_no_normalize",
     "extended_no_color",
+    "minimal_uint8",
+    "service_1_worker",
+    "service_2_workers",
+    "service_2_workers_uint8",
 )
 # Which reference each of our pipelines is compared with.
 REFERENCE_OF = {
@@ -96,21 +107,48 @@ REFERENCE_OF = {
     "minimal_no_normalize": "reference_train",
     "extended_no_color": "reference_train",
     "eval_no_normalize": "reference_eval",
+    "minimal_uint8": "reference_train",
+    "service_1_worker": "train_minimal",
+    "service_2_workers": "train_minimal",
+    "service_2_workers_uint8": "minimal_uint8",
 }
+_clusters = {}  # Workers -> (dispatcher, workers), started once per process.
+
+
+@tf.autograph.experimental.do_not_convert
+def _cast_only(images, mean, std, dtype):
+    """Normalization left to the accelerator: the host only casts."""
+    del mean, std
+    return tf.cast(images, dtype)
+
+
+@tf.autograph.experimental.do_not_convert
+def _to_uint8(images, mean, std, dtype):
+    """uint8 output: the resized pixels rounded, normalization left to the
+    accelerator."""
+    del mean, std, dtype
+    return tf.cast(tf.round(tf.clip_by_value(images, 0.0, 255.0)), tf.uint8)
+
+
+@tf.autograph.experimental.do_not_convert
+def _no_color(image, seed):
+    del seed
+    return image
+
+
 # Ablations: (our pipeline, the preprocessing function replaced while it is
 # built, the replacement).
 ABLATIONS = {
-    "minimal_no_normalize": (
-        "train_minimal",
-        "normalize",
-        lambda images, mean, std, dtype: tf.cast(images, dtype),
-    ),
-    "eval_no_normalize": (
-        "eval",
-        "normalize",
-        lambda images, mean, std, dtype: tf.cast(images, dtype),
-    ),
-    "extended_no_color": ("train_extended", "distort_color", lambda image, _: image),
+    "minimal_no_normalize": ("train_minimal", "normalize", _cast_only),
+    "minimal_uint8": ("train_minimal", "normalize", _to_uint8),
+    "eval_no_normalize": ("eval", "normalize", _cast_only),
+    "extended_no_color": ("train_extended", "distort_color", _no_color),
+}
+# tf.data service variants: (workers, the pipeline they run).
+SERVICE = {
+    "service_1_worker": (1, "train_minimal"),
+    "service_2_workers": (2, "train_minimal"),
+    "service_2_workers_uint8": (2, "minimal_uint8"),
 }
 REFERENCE_CROP_PADDING = 32  # Evaluation crop: image_size / (image_size + 32).
 flags.DEFINE_list(
@@ -256,6 +294,20 @@ def pipeline_dataset(data_dir: str, variant: str) -> tf.data.Dataset:
         return _our_pipeline(data_dir, variant)
 
 
+def service_dataset(data_dir: str, num_workers: int, variant: str) -> tf.data.Dataset:
+    """Our pipeline `variant` through a tf.data service of num_workers workers
+    in this process (started on first use, kept for later rounds)."""
+    if num_workers not in _clusters:
+        dispatcher, _ = data_service.start_server(0)
+        address = dispatcher.target.removeprefix("grpc://")
+        workers = [data_service.start_server(0, address)[0] for _ in range(num_workers)]
+        _clusters[num_workers] = (dispatcher, workers)
+    dispatcher, _ = _clusters[num_workers]
+    return data_service.distribute(
+        pipeline_dataset(data_dir, variant), dispatcher.target
+    ).prefetch(tf.data.AUTOTUNE)
+
+
 def _our_pipeline(data_dir: str, variant: str) -> tf.data.Dataset:
     augmentation = {"train_minimal": "minimal", "train_extended": "extended"}
     input_fn = data.make_input_fn(
@@ -398,6 +450,8 @@ def main(argv):
                     FLAGS.batch_size,
                     FLAGS.image_size,
                 )
+            elif variant in SERVICE:
+                dataset = service_dataset(data_dir, *SERVICE[variant])
             elif variant in ("crop_only", "crop_resize"):
                 dataset = stage_dataset(
                     data_dir,
@@ -419,9 +473,10 @@ def main(argv):
     print(
         "\n| variant | img/s wall, median (min-max) | wall / core | "
         "img per CPU-second, median (min-max) | / raw decode (CPU-s), median "
-        "(min-max) | / reference (CPU-s), median (min-max) |"
+        "(min-max) | / reference (CPU-s), median (min-max) | / reference (wall), "
+        "median (min-max) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for variant in FLAGS.variants:
         wall, cpu = rates[variant], cpu_rates[variant]
         reference = REFERENCE_OF.get(variant)
@@ -431,7 +486,8 @@ def main(argv):
             f"{statistics.median(wall) / cores:.0f} | "
             f"{statistics.median(cpu):.0f} ({min(cpu):.0f}-{max(cpu):.0f}) | "
             f"{_ratios(cpu, cpu_rates.get('raw_decode'))} | "
-            f"{_ratios(cpu, cpu_rates.get(reference))} |"
+            f"{_ratios(cpu, cpu_rates.get(reference))} | "
+            f"{_ratios(wall, rates.get(reference))} |"
         )
 
 

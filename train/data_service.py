@@ -115,7 +115,7 @@ def start_server(
 
 
 def distribute(
-    dataset: "tf.data.Dataset", service_address: str, job_name: str
+    dataset: "tf.data.Dataset", service_address: str, job_name: str | None = None
 ) -> "tf.data.Dataset":
     """``dataset`` produced by the tf.data service at ``service_address``.
 
@@ -125,7 +125,8 @@ def distribute(
       service_address: the dispatcher, ``grpc://HOST:PORT`` or ``HOST:PORT``.
       job_name: readers with the same job name share one job, each getting a
         part of its elements; give each input pipeline its own name when the
-        pipelines differ (e.g. each reads its own share of the files).
+        pipelines differ (e.g. each reads its own share of the files). None:
+        a job of this reader alone, ended when its iterator is.
 
     Returns:
       The elements of ``dataset``, with ``ShardingPolicy.DYNAMIC`` sharding
