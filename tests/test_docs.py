@@ -226,6 +226,20 @@ def test_every_code_block_is_run_or_marked():
     assert not problems, "\n".join(problems)
 
 
+def test_relative_links_lead_to_files():
+    problems = []
+    for path in doc_files():
+        with open(os.path.join(REPO, path), encoding="utf-8") as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^(https?:|mailto:|#)", target):
+                continue
+            resolved = os.path.join(REPO, os.path.dirname(path), target.split("#")[0])
+            if not os.path.exists(resolved):
+                problems.append(f"{path}: link to {target}: no such file")
+    assert not problems, "\n".join(problems)
+
+
 def test_ci_runs_the_readme_test_command():
     with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as f:
         ci = f.read().splitlines()
@@ -328,9 +342,11 @@ def _runner() -> int:
         print(f"--- {where} ({block['language']})", flush=True)
         try:
             if RUN_LANGUAGES[block["language"]] == "python":
-                # Pad so that tracebacks give the Markdown file's line numbers.
+                # Padded and named after the Markdown file, so that tracebacks
+                # show that file's lines and line numbers.
                 padded = "\n" * (block["line"] - 1) + block["source"]
-                exec(compile(padded, block["path"], "exec"), namespace)
+                filename = os.path.join(REPO, block["path"])
+                exec(compile(padded, filename, "exec"), namespace)
             else:
                 status = subprocess.run(
                     ["bash", "-e", "-o", "pipefail", "-c", block["source"]]
