@@ -182,8 +182,17 @@ def _mirror_repository(workdir: str, data_dir: str | None) -> str:
     """A folder under ``workdir`` linking to each top-level entry of the repo."""
     root = os.path.join(workdir, "repo")
     os.makedirs(root)
-    for name in os.listdir(REPO):
-        if name != ".git":
+    names = [name for name in os.listdir(REPO) if name != ".git"]
+    # Ignored entries (runs/, build outputs) stay out: what the docs write
+    # there must land in the temporary folder, not in the repository.
+    try:
+        ignored = subprocess.run(
+            ["git", "check-ignore", *names], cwd=REPO, capture_output=True, text=True
+        ).stdout.split()
+    except OSError:  # no git: not a checkout, nothing is ignored
+        ignored = []
+    for name in names:
+        if name not in ignored:
             os.symlink(os.path.join(REPO, name), os.path.join(root, name))
     if data_dir:
         os.makedirs(os.path.join(workdir, "shared"))
