@@ -23,9 +23,9 @@ may separate them):
   status, 0 included, fails.
 
 Each file runs in a fresh temporary folder that mirrors the repository root
-(a symlink to each top-level entry), with ``../shared/data`` leading to the
-shared data when it exists, so relative paths in the docs work as written
-there while whatever the blocks write stays out of the repository.
+(a symlink to each top-level entry git does not ignore), with ``../shared/data``
+leading to the shared data when it exists, so relative paths in the docs work
+as written there while whatever the blocks write stays out of the repository.
 
 Run as a script (``python tests/test_docs.py``) this file is the runner the
 tests start: it reads the blocks as JSON on stdin.
