@@ -3,7 +3,12 @@
 Memory traffic bounds this step on CPU, so each tensor is read as few times as
 possible: `l2_loss` takes a norm in one pass (where `tf.norm` squares into a
 temporary and then sums it), and the momentum and weight update is one
-`ResourceApplyKerasMomentum` kernel. The local rate comes from
+`ResourceApplyKerasMomentum` kernel. While XLA compiles the step (inside
+`tf.function(jit_compile=True)`, as `model.compile(jit_compile=True)` or
+`LARS(jit_compile=True)` make it), a norm is the trace of a small matrix
+product instead: XLA on CPU writes the squares of a sum of squares to a
+temporary and reduces that in several passes, but reads a matrix product's
+operands in place (BENCHMARKS.md, "Optimizer step"). The local rate comes from
 `lars_tf.rule.local_learning_rate`, the same rule every other path uses.
 
 The slot holds `-v` (Keras's `SGD` convention), so on every backend
@@ -11,6 +16,8 @@ The slot holds `-v` (Keras's `SGD` convention), so on every backend
 """
 
 import tensorflow as tf
+from tensorflow.python.framework import ops
+from tensorflow.python.ops import control_flow_util
 
 from lars_tf.rule import local_learning_rate
 
@@ -18,6 +25,11 @@ from lars_tf.rule import local_learning_rate
 # this bound the quotient could overflow, or the momentum be a float32
 # subnormal, so the plain `g + d * w` is used instead: the same formula.
 FOLD_MIN_MOMENTUM = 1e-2
+
+# Under XLA, `||x||^2 = trace(X @ X^T)` for `X = reshape(x, [GRAM_ROWS, -1])`.
+# With 4 rows XLA hands the product to Eigen's matrix multiply, which reads x
+# once per operand; 2 rows take a slower path that also loses accuracy.
+GRAM_ROWS = 4
 
 
 def apply_update(
@@ -42,8 +54,8 @@ def apply_update(
     """
     if adapted:
         learning_rate = local_learning_rate(
-            tf.sqrt(2 * tf.nn.l2_loss(variable)),
-            tf.sqrt(2 * tf.nn.l2_loss(gradient)),
+            _norm(variable),
+            _norm(gradient),
             learning_rate,
             weight_decay=weight_decay,
             trust_coefficient=trust_coefficient,
@@ -77,3 +89,18 @@ def apply_update(
         use_locking=False,
         use_nesterov=nesterov,
     )
+
+
+def _norm(x) -> tf.Tensor:
+    """`||x||` in the form the compiler at hand makes fastest (module docstring)."""
+    size = x.shape.num_elements()
+    under_xla = control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+    if (
+        under_xla
+        and x.dtype in (tf.float32, tf.float64)
+        and size
+        and size % GRAM_ROWS == 0
+    ):
+        rows = tf.reshape(x, [GRAM_ROWS, -1])
+        return tf.sqrt(tf.linalg.trace(tf.matmul(rows, rows, transpose_b=True)))
+    return tf.sqrt(2 * tf.nn.l2_loss(x))

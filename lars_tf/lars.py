@@ -238,9 +238,11 @@ class LARS(keras.optimizers.Optimizer):
         if not self.skip_nonfinite:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
             return
-        finite = ops.all(
-            ops.stack([ops.all(ops.isfinite(g)) for g in grads if g is not None])
-        )
+        # One reading pass per gradient and no temporary: a sum is finite
+        # exactly when no element is NaN or inf (or the float32 sum overflows,
+        # past 3e38: a step as unusable).
+        sums = [ops.sum(ops.cast(g, "float32")) for g in grads if g is not None]
+        finite = ops.all(ops.isfinite(ops.stack(sums)))
         if self._tensorflow:
             finite = _agree_across_replicas(finite)
         self._apply_this_step = finite

@@ -295,16 +295,18 @@ def check_mixed_precision(policy):
     }
 
 
-def check_schedule_and_warmup():
-    """The rate each step applied, with a unit gradient: w * 1 toward -100 (MAE)."""
-    schedule = lars_tf.WarmupPolynomialDecay(0.5, decay_steps=20)
+def applied_rates(learning_rate, warmup, steps=8):
+    """The rate each step applied, with a unit gradient: w * 1 toward -100 (MAE).
+
+    Also runs `Throughput`, and returns its number of timed steps.
+    """
     model = keras.Sequential(
         [
             keras.Input((1,)),
             keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
         ]
     )
-    model.compile(optimizer=keras.optimizers.SGD(schedule), loss="mean_absolute_error")
+    model.compile(keras.optimizers.SGD(learning_rate), loss="mean_absolute_error")
     weights = []
 
     class Record(keras.callbacks.Callback):
@@ -313,15 +315,31 @@ def check_schedule_and_warmup():
             weight = keras.ops.convert_to_numpy(self.model.weights[0])
             weights.append(float(weight.ravel()[0]))
 
-    ones = np.ones((8, 1), np.float32)
-    warmup = lars_tf.LearningRateWarmup(warmup_steps=4)
+    ones = np.ones((steps, 1), np.float32)
+    throughput = lars_tf.Throughput(batch_size=1, skip_steps=2)
     model.fit(ones, -100 * ones, batch_size=1, shuffle=False, verbose=0,
-              callbacks=[warmup, Record()])  # fmt: skip
-    applied = -np.diff([0.0, *weights])
+              callbacks=[warmup, Record(), throughput])  # fmt: skip
+    return -np.diff([0.0, *weights]), len(throughput.step_times)
+
+
+def check_schedule_and_warmup():
+    """`LearningRateWarmup` on a schedule and on a constant rate, by hand."""
+    schedule = lars_tf.WarmupPolynomialDecay(0.5, decay_steps=20)
+    scheduled, timed_steps = applied_rates(
+        schedule, lars_tf.LearningRateWarmup(warmup_steps=4)
+    )
     steps = np.arange(8, dtype=np.float64)
     poly = 0.5 * (1 - steps / 20) ** 2
     expected = np.where(steps < 4, poly * steps / 4, poly)
-    return float(np.abs(applied - expected).max())
+    constant, _ = applied_rates(
+        0.7, lars_tf.LearningRateWarmup(warmup_steps=3, initial_learning_rate=0.1)
+    )
+    ramp = [0.1, 0.3, 0.5] + [0.7] * 5
+    return {
+        "schedule_max_abs_diff": float(np.abs(scheduled - expected).max()),
+        "constant_max_abs_diff": float(np.abs(constant - ramp).max()),
+        "throughput_timed_steps": timed_steps,
+    }
 
 
 def check_monitor():
@@ -368,7 +386,7 @@ def main():
         "config_round_trip": check_config_round_trip(),
         "fit_save_load": check_fit_and_save_load(),
         "mixed_precision": {p: check_mixed_precision(p) for p in policies},
-        "warmup_max_abs_diff": check_schedule_and_warmup(),
+        "warmup": check_schedule_and_warmup(),
         "monitor": check_monitor(),
     }
     report["tensorflow_imported"] = sys.modules.get("tensorflow") is not None

@@ -56,8 +56,13 @@ def fit(model):
     return [w.numpy() for w in model.weights]
 
 
-def custom_loop(strategy, model):
-    """strategy.run + apply_gradients, the way train/ trains."""
+def custom_loop(strategy, model, poisoned_step=None):
+    """strategy.run + apply_gradients, the way train/ trains.
+
+    At `poisoned_step` (of the first epoch), replica 1's first gradient is NaN.
+    Returns the final weights and, for that step, the largest change of any
+    variable on any replica.
+    """
     loss_fn = keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, reduction="none"
     )
@@ -69,23 +74,38 @@ def custom_loop(strategy, model):
     # Slots are made here, not on the first traced step.
     model.optimizer.build(model.trainable_variables)
 
-    def replica_step(images, labels):
+    def replica_step(images, labels, poison):
         with tf.GradientTape() as tape:
             per_example = loss_fn(labels, model(images, training=True))
             loss = tf.nn.compute_average_loss(
                 per_example, global_batch_size=GLOBAL_BATCH
             )
         grads = tape.gradient(loss, model.trainable_variables)
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        poisoned = tf.logical_and(poison, tf.equal(replica, 1))
+        grads[0] = grads[0] * tf.where(poisoned, np.float32("nan"), 1.0)
         model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
 
     @tf.function
-    def train_step(images, labels):
-        strategy.run(replica_step, args=(images, labels))
+    def train_step(images, labels, poison):
+        strategy.run(replica_step, args=(images, labels, poison))
 
-    for _ in range(EPOCHS):
-        for images, labels in dataset:
-            train_step(images, labels)
-    return [w.numpy() for w in model.weights]
+    def every_replica():
+        return [
+            v.numpy()
+            for w in model.weights + model.optimizer.variables
+            for v in strategy.experimental_local_results(w.value)
+        ]
+
+    change_at_poisoned_step = None
+    for epoch in range(EPOCHS):
+        for step, (images, labels) in enumerate(dataset):
+            poison = epoch == 0 and step == poisoned_step
+            before = every_replica() if poison else None
+            train_step(images, labels, tf.constant(poison))
+            if poison:
+                change_at_poisoned_step = max_diff(before, every_replica())
+    return [w.numpy() for w in model.weights], change_at_poisoned_step
 
 
 def max_diff(a, b):
@@ -101,7 +121,7 @@ for jit in (False, True):
     mirrored = fit(mirrored_model)
     with strategy.scope():
         loop_model = make_model(jit)
-        looped = custom_loop(strategy, loop_model)
+        looped, _ = custom_loop(strategy, loop_model)
     report["jit_on" if jit else "jit_off"] = {
         "max_abs_diff_mirrored_vs_single": max_diff(mirrored, single),
         "mirrored_custom_loop_vs_fit": max_diff(looped, mirrored),
@@ -115,6 +135,19 @@ report["skip_nonfinite_on_vs_off"] = max_diff(
     fit(skipping_model), report["jit_off"]["weights"]
 )
 report["skip_nonfinite_iterations"] = int(skipping_model.optimizer.iterations.numpy())
+# A NaN on one replica only: both replicas skip the step, and stay equal.
+with strategy.scope():
+    poisoned_model = make_model(False, skip_nonfinite=True)
+    _, change = custom_loop(strategy, poisoned_model, poisoned_step=1)
+report["one_replica_nan_change"] = change
+report["one_replica_nan_iterations"] = int(poisoned_model.optimizer.iterations.numpy())
+report["one_replica_nan_replicas_differ"] = max(
+    max_diff(*strategy.experimental_local_results(w.value))
+    for w in poisoned_model.weights
+)
+report["one_replica_nan_finite"] = all(
+    np.all(np.isfinite(w.numpy())) for w in poisoned_model.weights
+)
 report["max_abs_diff_jit_on_vs_off"] = max_diff(
     report["jit_on"]["weights"], report["jit_off"]["weights"]
 )

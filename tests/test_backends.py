@@ -78,7 +78,10 @@ def test_backend(backend):
     for policy, run in report["mixed_precision"].items():
         assert run["finite"] and run["last_loss"] < 0.9 * run["first_loss"], policy
         assert run["slot_dtypes"] == ["float32"], policy
-    assert report["warmup_max_abs_diff"] < 1e-6, report
+    warmup = report["warmup"]
+    assert warmup["schedule_max_abs_diff"] < 1e-6, warmup
+    assert warmup["constant_max_abs_diff"] < 1e-6, warmup
+    assert warmup["throughput_timed_steps"] == 8 - 2, warmup
     monitor = report["monitor"]
     assert monitor["names"] == ["fc.w", "fc.b"], monitor
     for key in ("weight_norms", "gradient_norms", "rates"):

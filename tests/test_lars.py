@@ -503,6 +503,11 @@ def test_distributed_matches_single_device():
     assert report["max_abs_diff_jit_on_vs_off"] < 1e-5, report
     assert report["skip_nonfinite_on_vs_off"] < 1e-6, report
     assert report["skip_nonfinite_iterations"] == 3 * 64 // 16, report
+    # NaN on one replica at one step: no replica applies it; they stay equal.
+    assert report["one_replica_nan_change"] == 0.0, report
+    assert report["one_replica_nan_iterations"] == 3 * 64 // 16 - 1, report
+    assert report["one_replica_nan_replicas_differ"] == 0.0, report
+    assert report["one_replica_nan_finite"], report
 
 
 def test_numpy_scalars_are_accepted():
