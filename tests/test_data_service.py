@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from train import convert_images, data, data_service
+from train import FlagError, convert_images, data, data_service
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 120  # Seconds for a process to print its ready line.
@@ -199,3 +199,11 @@ def test_bad_flags_give_one_line_and_status_2(args, flag):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"train.data_service: error: {flag}")
+
+
+def test_parse_address_accepts_host_port_and_names_the_flag_otherwise():
+    assert data_service.parse_address("data_service", "grpc://h1:5050") == "h1:5050"
+    assert data_service.parse_address("data_service", "10.0.0.2:80") == "10.0.0.2:80"
+    for bad in ("h1", "h1:", ":5050", "h1:port", "h1:0", "h1:65536"):
+        with pytest.raises(FlagError, match="^--data_service: must be HOST:PORT"):
+            data_service.parse_address("data_service", bad)

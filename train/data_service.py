@@ -64,8 +64,9 @@ def define_flags() -> None:
     )
 
 
-def _host_port(flag: str, address: str) -> str:
-    """``address`` as HOST:PORT (a ``grpc://`` prefix is dropped), else FlagError."""
+def parse_address(flag: str, address: str) -> str:
+    """``address`` as HOST:PORT (a ``grpc://`` prefix is dropped); a FlagError
+    naming ``flag`` when it is not of that form. Imports no TensorFlow."""
     address = address.removeprefix("grpc://")
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -82,11 +83,11 @@ def validate_flags(f: flags.FlagValues) -> None:
     if not 0 <= f.port < 65536:
         raise FlagError("port", f"must be in 0-65535, got {f.port}")
     if f.dispatcher is not None:
-        _host_port("dispatcher", f.dispatcher)
+        parse_address("dispatcher", f.dispatcher)
     if f.worker_address is not None:
         if f.dispatcher is None:
             raise FlagError("worker_address", "applies to workers (with --dispatcher)")
-        _host_port("worker_address", f.worker_address)
+        parse_address("worker_address", f.worker_address)
 
 
 def start_server(
@@ -105,7 +106,7 @@ def start_server(
         return server, f"tf.data service dispatcher at {server.target}"
     server = service.WorkerServer(
         service.WorkerConfig(
-            dispatcher_address=_host_port("dispatcher", dispatcher),
+            dispatcher_address=parse_address("dispatcher", dispatcher),
             worker_address=worker_address,
             port=port,
         )
@@ -137,7 +138,7 @@ def distribute(
 
     service = tf.data.experimental.service
     address = service_address.removeprefix("grpc://")
-    _host_port("data_service", address)
+    parse_address("data_service", address)
     return dataset.apply(
         service.distribute(
             processing_mode=service.ShardingPolicy.DYNAMIC,
