@@ -7,13 +7,14 @@ comments (batch, model, rate, warm-up, exclusions), not read from the files.
 
 import glob
 import os
+import pathlib
 
 import keras
 import pytest
 from absl import flags
 
 import lars_tf
-from train import data, main, models, optimizers, trainer
+from train import config, models, optimizers, sources
 
 RECIPES_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -32,22 +33,19 @@ EXPECTED = {
     "googlenet_8k": ("googlenet", 8192, 100, 10.0, 5.0, 1e-4, False, 0.0),
     "mlperf_resnet50_lars": ("resnet50", 4096, 42, 10.0, 5.0, 2e-4, True, 0.1),
 }
-IMAGENET = data.DatasetInfo(
-    num_classes=1000,
-    num_train_examples=data.IMAGENET_TRAIN_EXAMPLES,
-    num_eval_examples=data.IMAGENET_EVAL_EXAMPLES,
-    channels=3,
-)
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
 _MODELS = {}  # One build per architecture keeps the test at a few seconds each.
 
 
-def _parse(name: str, data_dir: str) -> flags.FlagValues:
+def _config(name: str, data_dir: pathlib.Path) -> config.Config:
+    """The recipe's Config, on a folder that looks like ImageNet's TFRecords."""
+    (data_dir / "train-00000-of-00001").write_bytes(b"")
     flag_values = flags.FlagValues()
-    main.define_flags(flag_values)
+    config.define_flags(flag_values)
     path = os.path.join(RECIPES_DIR, f"{name}.flags")
     flag_values(["train.main", f"--flagfile={path}", f"--data_dir={data_dir}"])
-    main.validate_flags(flag_values)
-    return flag_values
+    flag_values["model_dir"].value = str(data_dir / "run")
+    return config.from_flag_values(flag_values)
 
 
 def _model(name: str) -> keras.Model:
@@ -67,32 +65,35 @@ def test_every_recipe_file_is_covered():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_recipe_parses_and_builds_model_and_optimizer(name, tmp_path):
     model_name, batch, epochs, peak, warmup, decay, excluded, smoothing = EXPECTED[name]
-    f = _parse(name, str(tmp_path))
-    assert (f.model, f.global_batch_size, f.train_epochs) == (model_name, batch, epochs)
-    assert (f.source, f.optimizer, f.lr_schedule, f.poly_power) == (
+    c = _config(name, tmp_path)
+    assert sources.SOURCES["imagenet"].train_examples == IMAGENET_TRAIN_EXAMPLES
+    steps_per_epoch = IMAGENET_TRAIN_EXAMPLES // batch
+    assert (c.model, c.global_batch_size, c.steps_per_epoch) == (
+        model_name,
+        batch,
+        steps_per_epoch,
+    )
+    assert c.train_steps == round(epochs * steps_per_epoch)
+    assert (c.source, c.optimizer, c.lr_schedule, c.poly_power) == (
         "imagenet",
         "lars",
         "poly",
         2.0,
     )
-    assert f.label_smoothing == smoothing
-    assert f.exclude_bias_and_norm is excluded
+    augmentation = "extended" if name.startswith("mlperf") else "minimal"
+    assert (c.num_classes, c.image_size, c.augmentation) == (1000, 224, augmentation)
+    assert c.label_smoothing == smoothing
+    assert c.exclude_bias_and_norm is excluded
+    assert c.warmup_steps == round(warmup * steps_per_epoch)
+    assert c.peak_learning_rate == pytest.approx(peak)
 
-    schedule = trainer.make_schedule(f, IMAGENET)
-    steps_per_epoch = data.IMAGENET_TRAIN_EXAMPLES // batch
-    assert schedule.steps_per_epoch == steps_per_epoch
-    assert schedule.warmup_steps == round(warmup * steps_per_epoch)
-    learning_rate = optimizers.learning_rate_schedule(
-        f, schedule.steps_per_epoch, schedule.train_steps
-    )
+    learning_rate = optimizers.learning_rate_schedule(c)
     assert float(learning_rate(0)) == 0.0
-    assert float(learning_rate(schedule.warmup_steps)) == pytest.approx(peak)
-    assert float(learning_rate(schedule.train_steps)) == pytest.approx(
-        f.end_learning_rate
-    )
+    assert float(learning_rate(c.warmup_steps)) == pytest.approx(peak)
+    assert float(learning_rate(c.train_steps)) == pytest.approx(c.end_learning_rate)
 
     model = _model(model_name)
-    optimizer = optimizers.build_optimizer(f, learning_rate, model)
+    optimizer = optimizers.build_optimizer(c, model)
     assert isinstance(optimizer, lars_tf.LARS)
     assert optimizer.coupled_weight_decay == pytest.approx(decay)
     assert optimizer.trust_coefficient == pytest.approx(0.001)

@@ -10,6 +10,7 @@ shared between checks.
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,16 +50,20 @@ def _command(model_dir, *args: str) -> list[str]:
     ]
 
 
-def _run(model_dir, *args: str, env: dict | None = None) -> tuple[dict, str]:
-    """Runs the CLI to completion; returns summary.json and stdout."""
-    result = subprocess.run(
+def _run_cli(model_dir, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         _command(model_dir, *args),
         cwd=REPO_ROOT,
-        env=env or _env(),
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
     )
+
+
+def _run(model_dir, *args: str) -> tuple[dict, str]:
+    """Runs the CLI to completion; returns summary.json and stdout."""
+    result = _run_cli(model_dir, *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(os.path.join(model_dir, "summary.json"), encoding="utf-8") as file:
         return json.load(file), result.stdout
@@ -105,7 +110,8 @@ def test_default_strategy_trains_evaluates_and_writes_results(tmp_path):
                 ratio_steps.add(event.step)
     assert sorted(ratio_steps) == [0, 10, 20, 30]
     train = _read_scalars(str(model_dir / "train"))
-    assert [step for step, _ in train["loss"]] == [10, 20, 30]
+    # After the first step (the first progress line), then every 10.
+    assert [step for step, _ in train["loss"]] == [1, 10, 20, 30]
     assert train["loss"][-1][1] == pytest.approx(summary["train"]["loss"], rel=1e-6)
     assert set(train) >= {"accuracy", "learning_rate", "images_per_sec"}
     eval_scalars = _read_scalars(str(model_dir / "eval"))
@@ -129,7 +135,7 @@ def test_default_strategy_trains_evaluates_and_writes_results(tmp_path):
     input_fn = data.make_input_fn(
         source=source,
         split="validation",
-        data_dir=summary["flags"]["data_dir"],
+        data_dir=summary["config"]["data_dir"],
         global_batch_size=1000,
         image_size=16,
         num_classes=10,
@@ -147,6 +153,64 @@ def test_default_strategy_trains_evaluates_and_writes_results(tmp_path):
     assert summary["eval"]["top5"] == pytest.approx(np.mean(ranks < 5), abs=2e-4)
     loss = -log_probs[np.arange(len(labels)), labels].mean()
     assert summary["eval"]["loss"] == pytest.approx(loss, rel=1e-4)
+
+    # The exported model.keras classifies raw MNIST pixels (resized to the
+    # run's 16x16) as the run's evaluation did.
+    if source == "mnist":
+        exported = keras.saving.load_model(str(model_dir / "model.keras"))
+        pixels, pixel_labels = data.load_idx_split(
+            summary["config"]["data_dir"], "validation"
+        )
+        resized = tf.image.resize(pixels.astype("float32"), (16, 16)).numpy()
+        predictions = exported.predict(resized, batch_size=1000, verbose=0).argmax(1)
+        assert np.mean(predictions == pixel_labels) == pytest.approx(
+            summary["eval"]["top1"], abs=2e-3
+        )
+
+    # The same command again: already finished, nothing in the folder changed.
+    before = _folder_state(model_dir)
+    result = _run_cli(model_dir, "--train_steps=30", "--trust_ratio_every_steps=10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already finished (30 steps)" in result.stdout
+    assert _folder_state(model_dir) == before
+
+    # Other settings in the same folder: one line per change, exit 2, nothing
+    # changed.
+    result = _run_cli(
+        model_dir, "--train_steps=30", "--global_batch_size=32", "--optimizer=sgd"
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = _our_lines(result.stderr)
+    assert lines[0].startswith(f"train.main: error: --model_dir={model_dir} holds")
+    assert lines[1:] == [
+        "--global_batch_size: 64 -> 32",
+        "--optimizer: lars -> sgd",
+    ]
+    assert _folder_state(model_dir) == before
+
+
+def _our_lines(stderr: str) -> list[str]:
+    """stderr without TensorFlow's C++ log lines (printed at start-up whatever
+    TF_CPP_MIN_LOG_LEVEL says)."""
+    return [
+        line
+        for line in stderr.splitlines()
+        if not re.match(r"WARNING: All log messages before|[IWE]\d{4} ", line)
+    ]
+
+
+def _folder_state(folder) -> dict:
+    """Every file under `folder`: its size, modification time and content hash."""
+    import hashlib
+
+    state = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as file:
+                digest = hashlib.sha256(file.read()).hexdigest()
+            state[path] = (os.stat(path).st_mtime_ns, digest)
+    return state
 
 
 def _wait_for(path: str, process: subprocess.Popen) -> None:
@@ -222,6 +286,60 @@ def test_one_device_run_killed_and_preempted_resumes_to_the_same_result(tmp_path
                 assert summary[part][name] == pytest.approx(
                     reference[part][name], rel=1e-5, abs=1e-6
                 ), (part, name)
+
+
+# Runs train.main with the checkpoint manager's last act of a save, the
+# rename of the `checkpoint` state file, blocked for the checkpoint named in
+# argv[1] until the process is killed: the new checkpoint's files are written,
+# the state file still names the previous one.
+_BLOCKING_MAIN = """
+import runpy, sys
+from tensorflow.python.checkpoint import checkpoint_management
+
+update_state = checkpoint_management.update_checkpoint_state_internal
+blocked_name = sys.argv.pop(1)
+
+def blocking_update(*args, **kwargs):
+    if kwargs["model_checkpoint_path"].endswith(blocked_name):
+        print("saving " + blocked_name, flush=True)
+        sys.stdin.read()  # Until SIGKILL.
+    return update_state(*args, **kwargs)
+
+checkpoint_management.update_checkpoint_state_internal = blocking_update
+runpy.run_module("train.main", run_name="__main__")
+"""
+
+
+def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(tmp_path):
+    model_dir = tmp_path / "run"
+    args = ["--train_steps=15", "--checkpoint_every_steps=5", "--skip_eval"]
+    command = _command(model_dir, *args)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKING_MAIN, "ckpt-10", *command[3:]],
+        cwd=REPO_ROOT,
+        env=_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    for line in process.stdout:  # Blocks until the save of ckpt-10 is under way.
+        if line.startswith("saving ckpt-10"):
+            break
+    process.kill()
+    assert process.wait(TIMEOUT) == -signal.SIGKILL
+    # The killed save's files are there; make its data half-written too.
+    data_file = model_dir / "ckpt-10.data-00000-of-00001"
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+
+    summary, stdout = _run(model_dir, *args)
+    assert f"resumed at step 5 from {model_dir / 'ckpt-5'}" in stdout
+    assert summary["steps"] == 15 and summary["resumed_from_step"] == 5
+    import tensorflow as tf
+
+    assert tf.train.latest_checkpoint(str(model_dir)) == str(model_dir / "ckpt-15")
+    reader = tf.train.load_checkpoint(str(model_dir / "ckpt-10"))  # Rewritten.
+    assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == 10
 
 
 def _free_ports(count: int) -> list[int]:

@@ -1,22 +1,17 @@
 """The large-batch ImageNet training app: `python -m train.main --help`.
 
-This file imports no TensorFlow: `train.main` checks its flags against the
-names below before TensorFlow starts.
+The flow, one module each: `main` (the command line) -> `config` (flags to a
+checked `Config`; `sources`: the data's facts) -> `data` and `preprocessing`
+(input pipelines), `models`, `optimizers` -> `trainer` (the training loop).
+
+This file imports no TensorFlow: `train.config` checks flags before
+TensorFlow starts.
 """
 
 import os
 
-# The models of train/models.py, the sources of train/data.py and the
-# augmentation levels of train/preprocessing.py.
-MODEL_NAMES = (
-    "alexnet",
-    "alexnet_bn",
-    "resnet50",
-    "googlenet",
-    "resnet20",
-    "small_alexnet",
-    "small_alexnet_bn",
-)
+# The sources of train/data.py and the augmentation levels of
+# train/preprocessing.py.
 SOURCES = ("synthetic", "imagenet", "mnist", "fashion_mnist", "tfds")
 AUGMENTATIONS = ("none", "minimal", "extended")
 
@@ -47,3 +42,13 @@ class FlagError(UserError, ValueError):
     def __init__(self, flag: str, message: str):
         super().__init__(f"--{flag}: {message}")
         self.flag = flag
+
+
+class RunError(Exception):
+    """The run stopped for a reason other than the user's input: too many
+    non-finite steps in a row. `train.main` prints its message as one line and
+    exits with status 3 (`RUN_ERROR_EXIT_CODE`); the last checkpoint is intact.
+    """
+
+
+RUN_ERROR_EXIT_CODE = 3

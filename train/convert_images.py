@@ -261,52 +261,61 @@ def convert(
     return info
 
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-    """The command line's flags; defined only when run as a script, so that
-    importing this module beside train.main (one test process) is safe."""
-    flags.DEFINE_string("train_dir", None, "Class folders of the training images.")
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """Defines this command's flags on `flag_values` (`flags.FLAGS` when run)."""
+    fv = {"flag_values": flag_values}
     flags.DEFINE_string(
-        "validation_dir", None, "Class folders of the validation images."
+        "train_dir", None, "Class folders of the training images.", **fv
     )
-    flags.DEFINE_string("output_dir", None, "Where the TFRecord shards go.")
-    flags.DEFINE_enum("labels", "dense", LABEL_MODES, "dense 1..K or ImageNet 1..1000.")
     flags.DEFINE_string(
-        "synsets_file", None, "Sorted ImageNet synsets (default: tensorflow-datasets')."
+        "validation_dir", None, "Class folders of the validation images.", **fv
     )
-    flags.DEFINE_integer("train_shards", 16, "Number of training files.")
-    flags.DEFINE_integer("validation_shards", 4, "Number of validation files.")
+    flags.DEFINE_string("output_dir", None, "Where the TFRecord shards go.", **fv)
+    flags.DEFINE_enum(
+        "labels", "dense", LABEL_MODES, "dense 1..K or ImageNet 1..1000.", **fv
+    )
     flags.DEFINE_string(
-        "bbox_csv", None, "Boxes: filename,xmin,ymin,xmax,ymax in [0,1]."
+        "synsets_file",
+        None,
+        "Sorted ImageNet synsets (default: tensorflow-datasets').",
+        **fv,
     )
-    flags.DEFINE_integer("max_per_class", None, "Keep at most this many per class.")
-    flags.DEFINE_list("classes", None, "Convert only these class folders.")
-    flags.DEFINE_integer("seed", 0, "Seed of the shuffle before sharding.")
+    flags.DEFINE_integer("train_shards", 16, "Number of training files.", **fv)
+    flags.DEFINE_integer("validation_shards", 4, "Number of validation files.", **fv)
+    flags.DEFINE_string(
+        "bbox_csv", None, "Boxes: filename,xmin,ymin,xmax,ymax in [0,1].", **fv
+    )
+    flags.DEFINE_integer(
+        "max_per_class", None, "Keep at most this many per class.", **fv
+    )
+    flags.DEFINE_list("classes", None, "Convert only these class folders.", **fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the shuffle before sharding.", **fv)
 
 
 def main(argv: list[str]) -> None:
+    """Converts as the flags say and prints the example counts."""
     del argv
-    if not FLAGS.output_dir:
-        sys.exit("--output_dir is required")
+    f = flags.FLAGS
+    if not f.output_dir:
+        print("convert_images: error: --output_dir is required", file=sys.stderr)
+        sys.exit(2)
     logging.set_verbosity(logging.INFO)
     info = convert(
-        FLAGS.output_dir,
-        FLAGS.train_dir,
-        FLAGS.validation_dir,
-        FLAGS.labels,
-        FLAGS.synsets_file,
-        FLAGS.train_shards,
-        FLAGS.validation_shards,
-        FLAGS.bbox_csv,
-        FLAGS.max_per_class,
-        FLAGS.classes,
-        FLAGS.seed,
+        f.output_dir,
+        f.train_dir,
+        f.validation_dir,
+        f.labels,
+        f.synsets_file,
+        f.train_shards,
+        f.validation_shards,
+        f.bbox_csv,
+        f.max_per_class,
+        f.classes,
+        f.seed,
     )
-    print(json.dumps(info["num_examples"]), "examples written to", FLAGS.output_dir)
+    print(json.dumps(info["num_examples"]), "examples written to", f.output_dir)
 
 
 if __name__ == "__main__":
-    define_flags()
+    define_flags(flags.FLAGS)
     app.run(main)

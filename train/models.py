@@ -15,8 +15,6 @@ parameters (what PyTorch's ``numel`` sum and the papers report); Keras's
 import keras
 import tensorflow as tf
 
-from train import MODEL_NAMES  # noqa: E402  (after TF; the names live there)
-
 # BatchNormalization settings of the tensorflow/tpu ResNet reference (and MLPerf).
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
@@ -133,6 +131,29 @@ def _logits(x, num_classes: int, *, name: str, kernel_initializer="glorot_unifor
     return keras.layers.Activation("linear", dtype="float32", name="logits")(x)
 
 
+def _conv_block(
+    x, index: int, filters: int, kernel_size: int, batch_norm: bool, strides=1, groups=1
+):
+    """The AlexNet family's ``conv{index}`` (+ ``bn{index}``) + ``relu{index}``.
+
+    With BN the conv has no bias (BN's beta makes it redundant). Strided convs
+    pad "valid", as Caffe's AlexNet.
+    """
+    x = keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding="valid" if strides > 1 else "same",
+        groups=groups,
+        use_bias=not batch_norm,
+        kernel_initializer="he_normal",
+        name=f"conv{index}",
+    )(x)
+    if batch_norm:
+        x = _bn(x, name=f"bn{index}")
+    return keras.layers.ReLU(name=f"relu{index}")(x)
+
+
 def _alexnet(num_classes, image_size, channels, *, batch_norm: bool, name: str):
     """Shared AlexNet body; ``batch_norm`` swaps LRN for BN after every conv/fc."""
     if image_size < 63:  # conv1 and three 3x3/2 max-pools: 63 -> 15 -> 7 -> 3 -> 1
@@ -140,19 +161,7 @@ def _alexnet(num_classes, image_size, channels, *, batch_norm: bool, name: str):
     inputs = keras.Input((image_size, image_size, channels), name="images")
 
     def conv_block(x, index, filters, kernel_size, strides=1, groups=1):
-        x = keras.layers.Conv2D(
-            filters,
-            kernel_size,
-            strides=strides,
-            padding="valid" if strides > 1 else "same",
-            groups=groups,
-            use_bias=not batch_norm,  # BN's beta makes a conv bias redundant
-            kernel_initializer="he_normal",
-            name=f"conv{index}",
-        )(x)
-        if batch_norm:
-            x = _bn(x, name=f"bn{index}")
-        x = keras.layers.ReLU(name=f"relu{index}")(x)
+        x = _conv_block(x, index, filters, kernel_size, batch_norm, strides, groups)
         if not batch_norm and index in (1, 2):
             x = LocalResponseNormalization(name=f"lrn{index}")(x)
         return x
@@ -356,7 +365,7 @@ def resnet20(num_classes: int, image_size: int = 32, channels: int = 3) -> keras
     return keras.Model(inputs, _logits(x, num_classes, name="fc"), name="resnet20")
 
 
-# (filters, kernel size) of the small AlexNet's convs, sized for ~CPU speed.
+# (filters, kernel size) of the small AlexNet's convs: small enough to train on a CPU.
 _SMALL_ALEXNET_CONVS = ((16, 5), (32, 3), (64, 3))
 
 
@@ -365,17 +374,7 @@ def _small_alexnet(num_classes, image_size, channels, *, batch_norm: bool, name:
     inputs = keras.Input((image_size, image_size, channels), name="images")
     x = inputs
     for index, (filters, kernel_size) in enumerate(_SMALL_ALEXNET_CONVS, start=1):
-        x = keras.layers.Conv2D(
-            filters,
-            kernel_size,
-            padding="same",
-            use_bias=not batch_norm,
-            kernel_initializer="he_normal",
-            name=f"conv{index}",
-        )(x)
-        if batch_norm:
-            x = _bn(x, name=f"bn{index}")
-        x = keras.layers.ReLU(name=f"relu{index}")(x)
+        x = _conv_block(x, index, filters, kernel_size, batch_norm)
         x = keras.layers.MaxPooling2D(
             3, strides=2, padding="same", name=f"pool{index}"
         )(x)
@@ -393,14 +392,10 @@ def small_alexnet_bn(
     num_classes: int, image_size: int = 28, channels: int = 1
 ) -> keras.Model:
     """A small AlexNet-BN-like convnet for the large-batch study on MNIST (28x28x1)
-    and downscaled Imagenette (64x64x3): conv1 5x5x32, conv2 3x3x64, conv3 3x3x64,
+    and downscaled Imagenette (64x64x3): conv1 5x5x16, conv2 3x3x32, conv3 3x3x64,
     each conv -> BN -> ReLU -> 3x3/2 max-pool, then fc4 (256) -> BN -> ReLU, fc5.
 
-    289,626 parameters at 10 classes on 28x28x1. One MNIST-sized epoch (60k
-    images, batch 4096, ``model.fit``) took 22.7 s of process CPU time on this
-    2-core CPU (no BN: 11.4 s), i.e. ~11 s of wall time when both cores are free;
-    measured wall time was 122 s under load from other processes (load average
-    ~10-15). ``benchmarks/small_alexnet_epoch.py``, results in BENCHMARKS.md.
+    288,890 trainable parameters at 10 classes on 28x28x1 (288,522 without BN).
     """
     return _small_alexnet(
         num_classes, image_size, channels, batch_norm=True, name="small_alexnet_bn"
@@ -425,6 +420,9 @@ _BUILDERS = {
     "small_alexnet": small_alexnet,
     "small_alexnet_bn": small_alexnet_bn,
 }
+
+
+MODEL_NAMES = tuple(_BUILDERS)
 
 
 def build_model(

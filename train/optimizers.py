@@ -1,8 +1,9 @@
-"""The optimizer, its learning-rate schedule and the weight-decay term, from flags.
+"""The optimizer, its learning-rate schedule and the weight-decay term of a Config.
 
-The learning rate is the base rate scaled to the global batch (`--lr_scaling`),
-reached by a linear warm-up from 0 and then decayed (`--lr_schedule`): poly of
-`--poly_power` and cosine come from `lars_tf`, the step schedule is below.
+The learning rate is the peak rate (the base rate scaled to the global batch,
+decided in `train/config.py`), reached by a linear warm-up from 0 and then
+decayed (`--lr_schedule`): poly of `--poly_power` and cosine come from
+`lars_tf`, the step schedule is below.
 
 Weight decay is applied once, where each optimizer expects it: coupled inside
 LARS (it enters the trust ratio), as the L2 loss term `wd/2 * sum ||w||^2` for
@@ -12,10 +13,10 @@ normalization parameters are neither decayed nor (for LARS) adapted.
 """
 
 import keras
-from absl import flags
 from keras import ops
 
 import lars_tf
+from train.config import Config
 
 
 class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
@@ -55,94 +56,89 @@ class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
-def peak_learning_rate(f: flags.FlagValues) -> float:
-    """`--base_learning_rate` scaled from `--base_batch_size` to the global batch."""
-    if f.lr_scaling == "none":
-        return f.base_learning_rate
-    return lars_tf.scaled_learning_rate(
-        f.base_learning_rate, f.global_batch_size, f.base_batch_size, f.lr_scaling
-    )
-
-
 def learning_rate_schedule(
-    f: flags.FlagValues, steps_per_epoch: int, train_steps: int
+    config: Config,
 ) -> keras.optimizers.schedules.LearningRateSchedule:
-    """Warm-up then the decay of `--lr_schedule`, over `train_steps` steps."""
-    peak = peak_learning_rate(f)
-    warmup_steps = round(f.warmup_epochs * steps_per_epoch)
-    if f.lr_schedule == "step":
-        boundaries = [round(float(e) * steps_per_epoch) for e in f.lr_decay_epochs]
-        return WarmupStepDecay(peak, boundaries, f.lr_decay_factor, warmup_steps)
-    if f.lr_schedule == "cosine":
+    """Warm-up then the decay of `config.lr_schedule`, over the training steps."""
+    peak = config.peak_learning_rate
+    if config.lr_schedule == "step":
+        return WarmupStepDecay(
+            peak, config.lr_decay_steps, config.lr_decay_factor, config.warmup_steps
+        )
+    if config.lr_schedule == "cosine":
         return lars_tf.WarmupCosineDecay(
             peak,
-            decay_steps=train_steps,
-            warmup_steps=warmup_steps,
-            end_learning_rate=f.end_learning_rate,
+            decay_steps=config.train_steps,
+            warmup_steps=config.warmup_steps,
+            end_learning_rate=config.end_learning_rate,
         )
     return lars_tf.WarmupPolynomialDecay(
         peak,
-        decay_steps=train_steps,
-        warmup_steps=warmup_steps,
-        end_learning_rate=f.end_learning_rate,
-        power=f.poly_power,
+        decay_steps=config.train_steps,
+        warmup_steps=config.warmup_steps,
+        end_learning_rate=config.end_learning_rate,
+        power=config.poly_power,
     )
 
 
-def build_optimizer(
-    f: flags.FlagValues,
-    learning_rate: keras.optimizers.schedules.LearningRateSchedule,
-    model: keras.Model,
-) -> keras.optimizers.Optimizer:
-    """The optimizer of `--optimizer`, built on `model`'s variables.
+def build_optimizer(config: Config, model: keras.Model) -> keras.optimizers.Optimizer:
+    """The optimizer of `config.optimizer` with its schedule, built on `model`.
 
     Call inside `strategy.scope()`. With `--precision=mixed_float16` it is
     wrapped in Keras's `LossScaleOptimizer` (dynamic loss scale); the training
     step then differentiates `optimizer.scale_loss(loss)` and `apply_gradients`
     unscales. Built eagerly so that a checkpoint restores its slots at once.
     """
-    exclude = lars_tf.exclude_bias_and_norm if f.exclude_bias_and_norm else None
-    if f.optimizer == "lars":
+    learning_rate = learning_rate_schedule(config)
+    exclude = lars_tf.exclude_bias_and_norm if config.exclude_bias_and_norm else None
+    if config.optimizer == "lars":
         optimizer = lars_tf.LARS(
             learning_rate,
-            momentum=f.momentum,
-            weight_decay=f.weight_decay,
-            trust_coefficient=f.trust_coefficient,
-            epsilon=f.epsilon,
-            clip=f.clip,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            trust_coefficient=config.trust_coefficient,
+            epsilon=config.epsilon,
+            clip=config.clip,
             exclude_from_adaptation=exclude,
             exclude_from_weight_decay=exclude,
         )
-    elif f.optimizer == "sgd":  # Weight decay: see l2_loss().
-        optimizer = keras.optimizers.SGD(learning_rate, momentum=f.momentum)
+    elif config.optimizer == "sgd":  # Weight decay: see l2_loss().
+        optimizer = keras.optimizers.SGD(learning_rate, momentum=config.momentum)
     else:
         adaptive = {"lamb": keras.optimizers.Lamb, "adamw": keras.optimizers.AdamW}
-        optimizer = adaptive[f.optimizer](
+        optimizer = adaptive[config.optimizer](
             learning_rate,
-            beta_1=f.momentum,
-            epsilon=f.epsilon or 1e-6,
-            weight_decay=f.weight_decay,
+            beta_1=config.momentum,
+            epsilon=config.epsilon or 1e-6,
+            weight_decay=config.weight_decay,
         )
         if exclude:
             optimizer.exclude_from_weight_decay(
                 var_list=[v for v in model.trainable_variables if exclude(v)]
             )
-    if f.precision == "mixed_float16":
+    if config.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
     return optimizer
 
 
-def l2_loss(f: flags.FlagValues, model: keras.Model):
-    """`wd/2 * sum ||w||^2` over the decayed weights for SGD, else None.
+def l2_loss_fn(config: Config, model: keras.Model):
+    """For SGD, a function computing `wd/2 * sum ||w||^2` over the decayed
+    weights; None for the other optimizers (their weight decay is their own).
 
-    Its gradient `wd * w` is the coupled weight decay LARS applies itself.
+    Its gradient `wd * w` is the coupled weight decay LARS applies itself. The
+    choice of weights is made here, once, not in the traced step.
     """
-    if f.optimizer != "sgd" or f.weight_decay == 0:
+    if config.optimizer != "sgd" or config.weight_decay == 0:
         return None
     decayed = [
         v
         for v in model.trainable_variables
-        if not (f.exclude_bias_and_norm and lars_tf.exclude_bias_and_norm(v))
+        if not (config.exclude_bias_and_norm and lars_tf.exclude_bias_and_norm(v))
     ]
-    return 0.5 * f.weight_decay * ops.sum([ops.sum(ops.square(v)) for v in decayed])
+    half_decay = 0.5 * config.weight_decay
+
+    def l2_loss():
+        return half_decay * ops.sum([ops.sum(ops.square(v)) for v in decayed])
+
+    return l2_loss

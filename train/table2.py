@@ -13,19 +13,24 @@ input pipeline (`train.models`, `train.data`); the library depends on neither.
 
 from absl import app, flags
 
-_MODEL = flags.DEFINE_string("model", "alexnet_bn", "Model name (train.models).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Examples in the probe batch.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Image height and width.")
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Number of classes.")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1.0, "Global LARS rate.")
-_TRUST_COEFFICIENT = flags.DEFINE_float("trust_coefficient", 0.001, "LARS eta.")
-_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0005, "Coupled weight decay.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the data.")
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """Defines this command's flags on `flag_values` (`flags.FLAGS` when run)."""
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_string("model", "alexnet_bn", "Model name (train.models).", **fv)
+    flags.DEFINE_integer("batch_size", 64, "Examples in the probe batch.", **fv)
+    flags.DEFINE_integer("image_size", 224, "Image height and width.", **fv)
+    flags.DEFINE_integer("num_classes", 1000, "Number of classes.", **fv)
+    flags.DEFINE_float("learning_rate", 1.0, "Global LARS rate.", **fv)
+    flags.DEFINE_float("trust_coefficient", 0.001, "LARS eta.", **fv)
+    flags.DEFINE_float("weight_decay", 0.0005, "Coupled weight decay.", **fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the weights and the data.", **fv)
 
 
 def main(argv: list[str]) -> None:
     """Builds the model, measures one batch and prints the table."""
     del argv
+    f = flags.FLAGS
     import keras  # After flag parsing, so --help does not start TensorFlow.
 
     from lars_tf import TrustRatioMonitor
@@ -33,13 +38,13 @@ def main(argv: list[str]) -> None:
     from train.data import make_input_fn
     from train.models import build_model
 
-    keras.utils.set_random_seed(_SEED.value)
-    model = build_model(_MODEL.value, _NUM_CLASSES.value, _IMAGE_SIZE.value)
+    keras.utils.set_random_seed(f.seed)
+    model = build_model(f.model, f.num_classes, f.image_size)
     model.compile(
         optimizer=LARS(
-            _LEARNING_RATE.value,
-            trust_coefficient=_TRUST_COEFFICIENT.value,
-            weight_decay=_WEIGHT_DECAY.value,
+            f.learning_rate,
+            trust_coefficient=f.trust_coefficient,
+            weight_decay=f.weight_decay,
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
@@ -47,22 +52,23 @@ def main(argv: list[str]) -> None:
         source="synthetic",
         split="train",
         data_dir=None,
-        global_batch_size=_BATCH_SIZE.value,
-        image_size=_IMAGE_SIZE.value,
-        num_classes=_NUM_CLASSES.value,
-        seed=_SEED.value,
+        global_batch_size=f.batch_size,
+        image_size=f.image_size,
+        num_classes=f.num_classes,
+        seed=f.seed,
     )()
     images, labels = next(iter(dataset))
     monitor = TrustRatioMonitor((images, labels))
     monitor.set_model(model)
     print(
-        f"{_MODEL.value}, iteration 1 (initial weights), batch {_BATCH_SIZE.value} "
-        f"of synthetic {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} images; LARS lr = "
-        f"{_LEARNING_RATE.value} * trust ratio (eta={_TRUST_COEFFICIENT.value}, "
-        f"weight decay={_WEIGHT_DECAY.value})"
+        f"{f.model}, iteration 1 (initial weights), batch {f.batch_size} "
+        f"of synthetic {f.image_size}x{f.image_size} images; LARS lr = "
+        f"{f.learning_rate} * trust ratio (eta={f.trust_coefficient}, "
+        f"weight decay={f.weight_decay})"
     )
     print(monitor.format_table(monitor.measure()))
 
 
 if __name__ == "__main__":
+    define_flags(flags.FLAGS)
     app.run(main)

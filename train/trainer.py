@@ -1,11 +1,13 @@
-"""The custom training loop of `python -m train.main`.
+"""The custom training loop of `python -m train.main`: `run(config)`.
 
-Read top to bottom: the strategy is built once; the model, optimizer, step
-counter and checkpoint are created in its scope; a checkpoint is restored if
-the model dir has one; then training runs in loops of `--steps_per_loop` steps,
+Read top to bottom: the model folder is checked against the run it holds (a
+resumed run must mean the same); the strategy is built; the model, optimizer,
+step counter and checkpoint are created in its scope; a checkpoint is restored
+if the folder has one; then training runs in loops of `--steps_per_loop` steps,
 each loop one `tf.function` call of `strategy.run(train_step)`; between loops
 the host logs, writes summaries, evaluates, checkpoints and calls the Keras
-callbacks.
+callbacks. At the end it writes summary.json and the trained model as
+`model.keras`.
 
 Why a custom loop: Keras 3.15's `model.fit` fails under
 `MultiWorkerMirroredStrategy`, and `compile(jit_compile=True)` under
@@ -17,14 +19,22 @@ one-hot labels) is summed and divided by the GLOBAL batch on every replica
 so the update is the gradient of the global-batch mean whatever the replica
 count.
 
+Non-finite steps: a step whose loss or gradients are not finite on any replica
+is not applied on any: the weights, the BatchNormalization statistics, the
+optimizer's slots and its iteration count (which drives the learning rate)
+stay as they were. The batch is consumed (the step counter of the data
+position advances) and counted; `--max_nonfinite_steps` in a row stop the run
+with `train.RunError`, leaving the last checkpoint as it was.
+
 Exact resume: training data is an endless seeded stream (`train.data` shuffles
 with a fixed seed and repeats), and a resumed run skips the batches that the
 restored step already consumed (as undecoded records: cheap), so it sees the
 same batches as an uninterrupted run; with `--deterministic` the final metrics
-are the same.
+are the same. Checkpoints are atomic: TensorFlow writes a checkpoint's files
+first and then, by a rename, the `checkpoint` state file that names the latest
+one, so a crash during a save leaves the previous checkpoint in use.
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -36,43 +46,41 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import flags
 from tensorflow.core.framework import summary_pb2
 
 import lars_tf
-from train import FlagError, data, models, optimizers
+from train import RunError, data, models, optimizers
+from train import config as config_lib
+from train.config import Config
 
-# `--source=auto` without MNIST trains on synthetic data of MNIST's shape.
-AUTO_SYNTHETIC = data.DatasetInfo(10, 60_000, 10_000, 3)
-NATURAL_IMAGE_SIZE = {"mnist": 28, "fashion_mnist": 28}
-DEFAULT_AUGMENTATION = {"imagenet": "minimal", "tfds": "minimal"}  # Else none.
-DEFAULT_IMAGE_SIZE = 224
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "model.keras"
 
 
-def make_strategy(f: flags.FlagValues) -> tf.distribute.Strategy:
+def make_strategy(config: Config) -> tf.distribute.Strategy:
     """The strategy of `--strategy`, after splitting the CPU if asked.
 
     Must run before TensorFlow touches a device (logical devices are fixed
     from then on); hence one strategy per process.
     """
-    if f.num_cpu_devices:
+    if config.num_cpu_devices:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * f.num_cpu_devices
+            cpu, [tf.config.LogicalDeviceConfiguration()] * config.num_cpu_devices
         )
-    if f.strategy == "one_device":
+    if config.strategy == "one_device":
         device = "/gpu:0" if tf.config.list_physical_devices("GPU") else "/cpu:0"
         return tf.distribute.OneDeviceStrategy(device)
-    if f.strategy == "mirrored":
+    if config.strategy == "mirrored":
         devices = None  # All GPUs, else the CPU.
-        if f.num_cpu_devices and not tf.config.list_physical_devices("GPU"):
+        if config.num_cpu_devices and not tf.config.list_physical_devices("GPU"):
             devices = [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
-    if f.strategy == "multi_worker":
+    if config.strategy == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
-    if f.strategy == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=f.tpu)
+    if config.strategy == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
@@ -90,58 +98,22 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
-@dataclasses.dataclass
-class Schedule:
-    """Training length and the step intervals of the loop's events."""
-
-    steps_per_epoch: int
-    train_steps: int
-    warmup_steps: int
-    checkpoint_every: int
-    eval_every: int  # 0: only at the end.
-
-    def next_stop(self, step: int, f: flags.FlagValues) -> int:
-        """First step after `step` where the host must act (log, save, ...)."""
-        stops = [
-            self.train_steps,
-            step + f.steps_per_loop,
-            _next_multiple(step, f.log_every_steps),
-            _next_multiple(step, self.steps_per_epoch),
-            _next_multiple(step, self.checkpoint_every),
-        ]
-        if self.eval_every:
-            stops.append(_next_multiple(step, self.eval_every))
-        return min(stops)
+def next_stop(step: int, config: Config) -> int:
+    """First step after `step` where the host must act (log, save, ...)."""
+    stops = [
+        config.train_steps,
+        step + config.steps_per_loop,
+        _next_multiple(step, config.log_every_steps),
+        _next_multiple(step, config.steps_per_epoch),
+        _next_multiple(step, config.checkpoint_every_steps),
+    ]
+    if config.eval_every_steps:
+        stops.append(_next_multiple(step, config.eval_every_steps))
+    return min(stops)
 
 
 def _next_multiple(step: int, interval: int) -> int:
     return (step // interval + 1) * interval
-
-
-def make_schedule(f: flags.FlagValues, info: data.DatasetInfo) -> Schedule:
-    """Converts the flags' epochs to steps; checks what needs the dataset size."""
-    steps_per_epoch = info.num_train_examples // f.global_batch_size
-    if steps_per_epoch < 1:
-        raise FlagError(
-            "global_batch_size",
-            f"{f.global_batch_size} exceeds the {info.num_train_examples} "
-            "training examples",
-        )
-    train_steps = f.train_steps or round(f.train_epochs * steps_per_epoch)
-    warmup_steps = round(f.warmup_epochs * steps_per_epoch)
-    if warmup_steps >= train_steps:
-        raise FlagError(
-            "warmup_epochs",
-            f"{f.warmup_epochs} epochs = {warmup_steps} steps is not shorter "
-            f"than training ({train_steps} steps)",
-        )
-    return Schedule(
-        steps_per_epoch=steps_per_epoch,
-        train_steps=train_steps,
-        warmup_steps=warmup_steps,
-        checkpoint_every=f.checkpoint_every_steps or steps_per_epoch,
-        eval_every=round(f.epochs_between_evals * steps_per_epoch),
-    )
 
 
 class PreemptionFlag:
@@ -156,76 +128,103 @@ class PreemptionFlag:
         self.requested = True
 
 
+def read_summary(model_dir: str) -> dict | None:
+    """The summary.json of the folder's run, if it has one."""
+    path = os.path.join(model_dir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
 def run(
-    f: flags.FlagValues,
+    config: Config,
     *,
-    source: str,
-    flag_dict: dict | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> dict:
-    """Trains and evaluates as `f` says; returns (and writes) the JSON summary.
+    """Trains and evaluates as `config` says; returns (and writes) the summary.
+
+    A folder holding a finished run of the same configuration is left as it is
+    and its summary returned. A folder holding another configuration raises
+    `train.UserError` before anything is written.
 
     Args:
-      f: parsed and validated flags (see `train.main.define_flags`).
-      source: the concrete data source (`--source=auto` resolved).
-      flag_dict: the flags recorded in summary.json; default: `f`'s values.
+      config: the run (`train.config.make_config` or the command line's).
       callbacks: extra Keras callbacks, called between loops (`batch` is the
         loop's last step; logs hold the loop's mean loss and accuracy and the
         learning rate; `on_epoch_end` logs add `val_*` after an evaluation).
+
+    Raises:
+      train.UserError: the folder holds another run, or the data is unreadable.
+      train.RunError: `--max_nonfinite_steps` non-finite steps in a row.
     """
     wall_start = time.time()
+    model_dir = config.model_dir
+    record = config_lib.read_run_record(model_dir)
+    if record is not None:
+        config_lib.check_resume(config, record)
+    previous = read_summary(model_dir)
+    if previous is not None and previous.get("steps", 0) >= config.train_steps:
+        print(
+            f"The run in {model_dir} is already finished ({previous['steps']} "
+            f"steps); its results are unchanged in {SUMMARY_FILE}."
+        )
+        return previous
     preemption = PreemptionFlag()  # From now on SIGTERM means "save and exit".
-    strategy = make_strategy(f)  # First: it fixes the devices.
+    strategy = make_strategy(config)  # First: it fixes the devices.
     replicas = strategy.num_replicas_in_sync
-    if f.global_batch_size % replicas:
-        raise FlagError(
+    if config.replicas is None and config.global_batch_size % replicas:
+        raise config_lib.FlagError(
             "global_batch_size",
-            f"{f.global_batch_size} is not divisible by the {replicas} replicas",
+            f"{config.global_batch_size} is not divisible by the {replicas} replicas",
         )
     chief = is_chief(strategy)
-    if f.deterministic:
+    log = print if chief else (lambda *args, **kwargs: None)
+    if chief:
+        if config.flags.get("model_dir"):
+            os.makedirs(model_dir, exist_ok=True)
+        elif not os.path.isdir(model_dir):  # A fresh default name: never shared.
+            os.makedirs(os.path.dirname(model_dir), exist_ok=True)
+            os.mkdir(model_dir)
+        if record is None:
+            config_lib.write_json(
+                os.path.join(model_dir, config_lib.RUN_RECORD),
+                config_lib.run_record(config),
+            )
+    if config.synthetic_fallback:
+        log(
+            "Warning: no MNIST in the default data folder "
+            f"({os.path.dirname(str(config_lib.sources.default_data_dir('mnist')))}): "
+            "training on synthetic images of MNIST's shape. Give --data_dir or "
+            "--source to train on real data."
+        )
+    if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(f.seed)
-    keras.mixed_precision.set_global_policy(f.precision)
+    keras.utils.set_random_seed(config.seed)
+    keras.mixed_precision.set_global_policy(config.precision)
 
     # Data.
-    if source == "synthetic" and f.source == "auto":
-        info = dataclasses.replace(
-            AUTO_SYNTHETIC, num_classes=f.num_classes or AUTO_SYNTHETIC.num_classes
-        )
-        image_size = f.image_size or 28
-    else:
-        info = data.dataset_info(
-            source, f.data_dir, f.tfds_name, num_classes=f.num_classes
-        )
-        image_size = f.image_size or NATURAL_IMAGE_SIZE.get(source, DEFAULT_IMAGE_SIZE)
-    schedule = make_schedule(f, info)
-    input_dtype = keras.mixed_precision.global_policy().compute_dtype
-    common = dict(
-        source=source,
-        data_dir=f.data_dir,
-        global_batch_size=f.global_batch_size,
-        image_size=image_size,
-        dtype=input_dtype,
-        seed=f.seed,
-        tfds_name=f.tfds_name,
-        num_classes=info.num_classes,
-        cache=f.cache,
-        deterministic=f.deterministic,
+    input_settings = dict(
+        source=config.data_source(),
+        global_batch_size=config.global_batch_size,
+        image_size=config.image_size,
+        dtype=keras.mixed_precision.global_policy().compute_dtype,
+        seed=config.seed,
+        cache=config.cache,
+        deterministic=config.deterministic,
+        max_skipped_records=config.max_skipped_records,
     )
-    augmentation = f.augmentation or DEFAULT_AUGMENTATION.get(source, "none")
     train_input_fn = data.make_input_fn(
-        split="train", augmentation=augmentation, **common
+        split="train", augmentation=config.augmentation, **input_settings
     )
-    eval_input_fn = data.make_input_fn(split="validation", **common)
+    eval_input_fn = data.make_input_fn(split="validation", **input_settings)
 
     # Model, optimizer and checkpoint, in the strategy's scope.
     with strategy.scope():
-        model = models.build_model(f.model, info.num_classes, image_size, info.channels)
-        learning_rate = optimizers.learning_rate_schedule(
-            f, schedule.steps_per_epoch, schedule.train_steps
+        model = models.build_model(
+            config.model, config.num_classes, config.image_size, config.channels
         )
-        optimizer = optimizers.build_optimizer(f, learning_rate, model)
+        optimizer = optimizers.build_optimizer(config, model)
         # Where compile() would put it: Keras callbacks (LearningRateWarmup,
         # TrustRatioMonitor, ...) look for the optimizer there.
         model.optimizer = optimizer
@@ -233,21 +232,23 @@ def run(
         checkpoint = tf.train.Checkpoint(
             model=model, optimizer=optimizer, step=step_counter
         )
-    model_dir = f.model_dir
     write_dir = model_dir if chief else _worker_temp_dir(strategy, model_dir)
     manager = tf.train.CheckpointManager(
-        checkpoint, write_dir, max_to_keep=f.keep_checkpoints, step_counter=step_counter
+        checkpoint,
+        write_dir,
+        max_to_keep=config.keep_checkpoints,
+        step_counter=step_counter,
     )
     latest = tf.train.latest_checkpoint(model_dir)
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
     start_step = int(step_counter.numpy())
-    log = print if chief else (lambda *args, **kwargs: None)
     log(
-        f"{f.model} on {source} ({info.num_classes} classes, {image_size}x"
-        f"{image_size}x{info.channels}), {f.optimizer} at global batch "
-        f"{f.global_batch_size} on {replicas} replica(s) ({f.strategy}); "
-        f"{schedule.train_steps} steps, {schedule.steps_per_epoch} per epoch"
+        f"{config.model} on {config.source} ({config.num_classes} classes, "
+        f"{config.image_size}x{config.image_size}x{config.channels}), "
+        f"{config.optimizer} at global batch {config.global_batch_size} on "
+        f"{replicas} replica(s) ({config.strategy}); {config.train_steps} steps, "
+        f"{config.steps_per_epoch} per epoch"
         + (f"; resumed at step {start_step} from {latest}" if latest else "")
     )
 
@@ -259,7 +260,7 @@ def run(
 
     train_iterator = iter(strategy.distribute_datasets_from_function(train_dataset_fn))
     eval_dataset = strategy.distribute_datasets_from_function(eval_input_fn)
-    train_loop, evaluate = _make_step_functions(f, strategy, model, optimizer, info)
+    train_loop, evaluate = _make_step_functions(config, strategy, model, optimizer)
 
     summary_writers = {
         name: tf.summary.create_file_writer(os.path.join(model_dir, name))
@@ -268,8 +269,10 @@ def run(
         for name in ("train", "eval")
     }
     callbacks = list(callbacks)
-    if f.trust_ratio_every_steps:
-        monitor = _trust_ratio_monitor(f, train_input_fn, model_dir if chief else None)
+    if config.trust_ratio_every_steps:
+        monitor = _trust_ratio_monitor(
+            config, train_input_fn, model_dir if chief else None
+        )
         callbacks.append(monitor)
     callback_list = keras.callbacks.CallbackList(callbacks, model=model)
     train_logs: dict[str, float] = {}
@@ -277,25 +280,52 @@ def run(
     # Throughput leaves out the first loop, which includes tracing.
     images_trained, train_seconds, steady_images, steady_seconds = 0, 0.0, 0, 0.0
     last_saved = start_step if latest else None  # The same on every worker.
+    nonfinite_steps, nonfinite_in_a_row = 0, 0
     step = start_step
     callback_list.on_train_begin()
-    while step < schedule.train_steps:
-        if step % schedule.steps_per_epoch == 0:
-            callback_list.on_epoch_begin(step // schedule.steps_per_epoch)
-        stop = schedule.next_stop(step, f)
+    while step < config.train_steps:
+        if step % config.steps_per_epoch == 0:
+            callback_list.on_epoch_begin(step // config.steps_per_epoch)
+        # The first loop is one step, so the first progress line comes as soon
+        # as the first step (and its tracing) is done.
+        stop = start_step + 1 if step == start_step else next_stop(step, config)
         callback_list.on_train_batch_begin(step)
         loop_start = time.time()
-        loss, accuracy = train_loop(train_iterator, tf.constant(stop - step))
-        loss, accuracy = float(loss), float(accuracy)  # Waits for the loop.
+        results = _reading_data(
+            train_loop,
+            train_iterator,
+            tf.constant(stop - step),
+            tf.constant(nonfinite_in_a_row),
+        )
+        loss, accuracy, steps_run, skipped, nonfinite_in_a_row = (
+            r.numpy()
+            for r in results  # Waits for the loop.
+        )
+        loss, accuracy = float(loss), float(accuracy)
+        steps_run, nonfinite_in_a_row = int(steps_run), int(nonfinite_in_a_row)
         seconds = time.time() - loop_start
-        images = (stop - step) * f.global_batch_size
+        images = steps_run * config.global_batch_size
         if images_trained:
             steady_images += images
             steady_seconds += seconds
         images_trained += images
         train_seconds += seconds
-        step = stop
+        step += steps_run
         step_counter.assign(step)
+        if skipped:
+            nonfinite_steps += int(skipped)
+            log(
+                f"Skipped {int(skipped)} step(s) with non-finite loss or gradients "
+                f"before step {step} ({nonfinite_in_a_row} in a row; "
+                f"{nonfinite_steps} in this run)."
+            )
+        if nonfinite_in_a_row >= config.max_nonfinite_steps:
+            raise RunError(
+                f"step {step}: {nonfinite_in_a_row} steps in a row had non-finite "
+                f"loss or gradients (--max_nonfinite_steps="
+                f"{config.max_nonfinite_steps}); stopped without saving. Last good "
+                f"checkpoint: {manager.latest_checkpoint or 'none'}"
+            )
         train_logs = {
             "loss": loss,
             "accuracy": accuracy,
@@ -303,46 +333,53 @@ def run(
             "images_per_sec": images / seconds,
         }
         callback_list.on_train_batch_end(step - 1, train_logs)
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}")
-        if step % f.log_every_steps == 0 or step == schedule.train_steps:
-            _log_train(log, summary_writers["train"], step, schedule, train_logs)
-        if not f.skip_eval and schedule.eval_every and step % schedule.eval_every == 0:
+        if (
+            step % config.log_every_steps == 0
+            or step == config.train_steps
+            or step == start_step + 1
+        ):
+            rate = steady_seconds / steady_images if steady_images else seconds / images
+            eta = (config.train_steps - step) * config.global_batch_size * rate
+            _log_train(log, summary_writers["train"], step, config, train_logs, eta)
+        if (
+            not config.skip_eval
+            and config.eval_every_steps
+            and step % config.eval_every_steps == 0
+        ):
             eval_logs = _evaluate(evaluate, eval_dataset, summary_writers, step, log)
-        if step % schedule.checkpoint_every == 0 or step == schedule.train_steps:
+        if step % config.checkpoint_every_steps == 0 or step == config.train_steps:
             last_saved = _save(manager, chief, write_dir, step, last_saved)
-        if step % schedule.steps_per_epoch == 0:
+        if step % config.steps_per_epoch == 0:
             epoch_logs = dict(
                 train_logs, **{f"val_{k}": v for k, v in eval_logs.items()}
             )
-            callback_list.on_epoch_end(step // schedule.steps_per_epoch - 1, epoch_logs)
+            callback_list.on_epoch_end(step // config.steps_per_epoch - 1, epoch_logs)
         if _any_worker_preempted(strategy, preemption.requested):
             _save(manager, chief, write_dir, step, last_saved)
             log(f"SIGTERM: saved a checkpoint at step {step}; exiting.")
             sys.exit(PREEMPTED_EXIT_CODE)
 
-    if not f.skip_eval and (
-        not eval_logs or schedule.train_steps % schedule.eval_every
+    if not config.skip_eval and (
+        not eval_logs or config.train_steps % config.eval_every_steps
     ):
         eval_logs = _evaluate(evaluate, eval_dataset, summary_writers, step, log)
     callback_list.on_train_end(dict(train_logs, **eval_logs))
-    if f.trust_ratio_every_steps and monitor.history:
+    if config.trust_ratio_every_steps and monitor.history:
         log(f"Trust ratios at step {monitor.history[-1][0]}:")
         log(monitor.format_table())
-    summary = {
-        "model_dir": os.path.abspath(model_dir),
-        "flags": flag_dict if flag_dict is not None else f.flag_values_dict(),
-        "source": source,
-        "image_size": image_size,
-        "augmentation": augmentation,
-        "num_classes": info.num_classes,
-        "num_replicas": replicas,
-        "steps": step,
-        "steps_per_epoch": schedule.steps_per_epoch,
-        "epochs": step / schedule.steps_per_epoch,
-        "resumed_from_step": start_step,
+    skipped_records = {
+        "train": train_input_fn.skipped_records(),
+        "validation": eval_input_fn.skipped_records(),
+    }
+    segment = {
+        "start_step": start_step,
+        "end_step": step,
         "train": train_logs,
         "eval": eval_logs,
+        "nonfinite_steps": nonfinite_steps,
+        "skipped_records": skipped_records,
+        "skipped_record_names": train_input_fn.skipped_record_names()
+        + eval_input_fn.skipped_record_names(),
         "wall_time_sec": time.time() - wall_start,
         "train_time_sec": train_seconds,
         "images_per_sec": (
@@ -351,19 +388,68 @@ def run(
             else (images_trained / train_seconds if train_seconds else None)
         ),
     }
+    segments = (previous or {}).get("segments", []) + [segment]
+    summary = {
+        "model_dir": os.path.abspath(model_dir),
+        "flags": config.flags,
+        "config": config.to_dict(),
+        "source": config.source,
+        "image_size": config.image_size,
+        "augmentation": config.augmentation,
+        "num_classes": config.num_classes,
+        "num_replicas": replicas,
+        "steps": step,
+        "steps_per_epoch": config.steps_per_epoch,
+        "epochs": step / config.steps_per_epoch,
+        "resumed_from_step": start_step,
+        # The latest figures; a segment that trained no step keeps the last.
+        "train": train_logs or (previous or {}).get("train", {}),
+        "eval": eval_logs or (previous or {}).get("eval", {}),
+        "nonfinite_steps": sum(s["nonfinite_steps"] for s in segments),
+        "skipped_records": {
+            split: sum(s.get("skipped_records", {}).get(split, 0) for s in segments)
+            for split in ("train", "validation")
+        },
+        "wall_time_sec": segment["wall_time_sec"],
+        "train_time_sec": train_seconds,
+        "images_per_sec": segment["images_per_sec"]
+        or (previous or {}).get("images_per_sec"),
+        "segments": segments,
+    }
     if chief:
-        path = os.path.join(model_dir, "summary.json")
-        with open(path, "w", encoding="utf-8") as file:
-            json.dump(summary, file, indent=2, default=str)
+        _export_model(model, config, os.path.join(model_dir, MODEL_FILE))
+        config_lib.write_json(os.path.join(model_dir, SUMMARY_FILE), summary)
         log(
-            f"Done in {summary['wall_time_sec']:.0f} s. Results in {model_dir}: "
-            f"summary.json, checkpoints; `tensorboard --logdir {model_dir}`."
+            f"Done in {segment['wall_time_sec']:.0f} s; skipped: "
+            f"{nonfinite_steps} non-finite step(s), undecodable records "
+            f"{skipped_records['train']} (train), {skipped_records['validation']} "
+            f"(validation). Results in {model_dir}: "
+            f"{SUMMARY_FILE}, {MODEL_FILE}, checkpoints; "
+            f"`tensorboard --logdir {model_dir}`."
         )
     return summary
 
 
+def _export_model(model: keras.Model, config: Config, path: str) -> None:
+    """Saves the trained model with its input normalization in front, so it
+    takes images of pixel values 0-255 (as `keras.saving.load_model(path)`);
+    written to a temporary file first, then renamed."""
+    mean = np.array(config.mean, np.float32)
+    std = np.array(config.std, np.float32)
+    inputs = keras.Input(
+        (config.image_size, config.image_size, config.channels), name="pixels"
+    )
+    normalized = keras.layers.Normalization(
+        mean=mean, variance=std**2, name="normalization"
+    )(inputs)
+    exported = keras.Model(inputs, model(normalized), name=f"{config.model}_export")
+    temporary = os.path.join(os.path.dirname(path), f"tmp-{os.getpid()}-{MODEL_FILE}")
+    exported.save(temporary)
+    os.replace(temporary, path)
+
+
 def _trust_ratio_monitor(
-    f: flags.FlagValues, train_input_fn, model_dir: str | None
+    config: Config, train_input_fn, model_dir: str | None
 ) -> lars_tf.TrustRatioMonitor:
     """The monitor on one probe batch of training data (at most 256 images).
 
@@ -374,7 +460,7 @@ def _trust_ratio_monitor(
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return lars_tf.TrustRatioMonitor(
         probe_batch=probe,
-        every_n_steps=f.trust_ratio_every_steps,
+        every_n_steps=config.trust_ratio_every_steps,
         loss_fn=lambda labels, logits: loss(labels, tf.cast(logits, tf.float32)),
         log_dir=os.path.join(model_dir, "trust_ratio") if model_dir else None,
         measure_at_start=True,
@@ -410,21 +496,26 @@ def _save(
 
 
 def _make_step_functions(
-    f: flags.FlagValues,
+    config: Config,
     strategy: tf.distribute.Strategy,
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
-    info: data.DatasetInfo,
 ):
     """The `tf.function`s: a loop of training steps, and one evaluation pass."""
-    global_batch = f.global_batch_size
-    top_k = min(5, info.num_classes)
+    global_batch = config.global_batch_size
+    num_classes = config.num_classes
+    top_k = min(5, num_classes)
     cross_entropy = keras.losses.CategoricalCrossentropy(
-        from_logits=True, label_smoothing=f.label_smoothing, reduction=None
+        from_logits=True, label_smoothing=config.label_smoothing, reduction=None
     )
+    l2_loss = optimizers.l2_loss_fn(config, model)
+    # With a loss scale, overflowing gradients are the scale's business: it
+    # skips the step and lowers the scale. The guard then checks the loss only.
+    check_gradients = not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    max_in_a_row = config.max_nonfinite_steps
 
     def per_example_loss(logits, labels):
-        one_hot = tf.one_hot(labels, info.num_classes, dtype=tf.float32)
+        one_hot = tf.one_hot(labels, num_classes, dtype=tf.float32)
         return cross_entropy(one_hot, logits)
 
     def forward_backward(images, labels):
@@ -433,9 +524,8 @@ def _make_step_functions(
             loss = tf.nn.compute_average_loss(
                 per_example_loss(logits, labels), global_batch_size=global_batch
             )
-            l2 = optimizers.l2_loss(f, model)
-            if l2 is not None:  # Counted once over the replicas.
-                loss += tf.nn.scale_regularization_loss(l2)
+            if l2_loss is not None:  # Counted once over the replicas.
+                loss += tf.nn.scale_regularization_loss(l2_loss())
             scaled_loss = optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled_loss, model.trainable_variables)
         correct = tf.reduce_sum(
@@ -445,26 +535,75 @@ def _make_step_functions(
         )
         return loss, correct, gradients
 
-    if f.jit_compile:  # The optimizer's cross-replica update stays outside XLA.
+    if config.jit_compile:  # The optimizer's cross-replica update stays outside XLA.
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
-    def train_step(batch):
-        images, labels = batch
-        loss, correct, gradients = forward_backward(images, labels)
+    def apply(gradients):
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        return loss, correct
+
+    def restore(statistics):
+        for variable, value in zip(model.non_trainable_variables, statistics):
+            variable.assign(value)
+
+    def train_step(batch):
+        """One step on this replica; returns its loss, hits, and 1.0 when the
+        step was skipped as non-finite on some replica (then on all), else 0."""
+        images, labels = batch
+        # The BN statistics before the forward pass updates them.
+        statistics = [tf.identity(v.value) for v in model.non_trainable_variables]
+        loss, correct, gradients = forward_backward(images, labels)
+        finite = [tf.math.is_finite(loss)]
+        if check_gradients:
+            finite += [tf.reduce_all(tf.math.is_finite(g)) for g in gradients]
+        replica = tf.distribute.get_replica_context()
+        skipped = replica.all_reduce(
+            "SUM", 1.0 - tf.cast(tf.reduce_all(finite), tf.float32)
+        )
+        skipped = tf.minimum(skipped, 1.0)  # The same on every replica.
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            tf.cond(skipped == 0, lambda: apply(gradients), lambda: restore(statistics))
+        else:
+            # As Keras's LossScaleOptimizer: a branch that calls merge_call (as
+            # apply_gradients does) must be taken in the cross-replica context.
+            def cross_replica(distribution, skipped, gradients, statistics):
+                skip = distribution.experimental_local_results(skipped)[0] > 0
+                for_each = distribution.extended.call_for_each_replica
+                tf.cond(
+                    skip,
+                    lambda: for_each(restore, args=(statistics,)),
+                    lambda: for_each(apply, args=(gradients,)),
+                )
+
+            replica.merge_call(cross_replica, args=(skipped, gradients, statistics))
+        return loss, correct, skipped
 
     @tf.function
-    def train_loop(iterator, num_steps):
-        """Runs `num_steps` steps; returns their mean loss and accuracy."""
+    def train_loop(iterator, num_steps, in_a_row):
+        """Runs up to `num_steps` steps, fewer when `--max_nonfinite_steps`
+        non-finite steps come in a row. Returns the applied steps' mean loss
+        and accuracy, the steps run, those skipped, and the skipped in a row."""
         loss_sum = tf.constant(0.0)
         correct_sum = tf.constant(0.0)
+        applied = tf.constant(0.0)
+        steps_run = tf.constant(0)
+        skipped_sum = tf.constant(0)
         for _ in tf.range(num_steps):
-            loss, correct = strategy.run(train_step, args=(next(iterator),))
-            loss_sum += strategy.reduce("SUM", loss, axis=None)
-            correct_sum += strategy.reduce("SUM", correct, axis=None)
-        steps = tf.cast(num_steps, tf.float32)
-        return loss_sum / steps, correct_sum / (steps * global_batch)
+            loss, correct, skipped = strategy.run(train_step, args=(next(iterator),))
+            skipped = strategy.reduce("SUM", skipped, axis=None) > 0
+            steps_run += 1
+            if skipped:
+                skipped_sum += 1
+                in_a_row += 1
+                if in_a_row >= max_in_a_row:
+                    break
+            else:
+                in_a_row = tf.zeros_like(in_a_row)
+                applied += 1.0
+                loss_sum += strategy.reduce("SUM", loss, axis=None)
+                correct_sum += strategy.reduce("SUM", correct, axis=None)
+        mean_loss = tf.math.divide_no_nan(loss_sum, applied)
+        accuracy = tf.math.divide_no_nan(correct_sum, applied * global_batch)
+        return mean_loss, accuracy, steps_run, skipped_sum, in_a_row
 
     def eval_sums(images, labels):
         logits = tf.cast(model(images, training=False), tf.float32)
@@ -502,9 +641,22 @@ def _make_step_functions(
     return train_loop, evaluate
 
 
+def _reading_data(function, *args):
+    """`function(*args)`, with errors about the input data (a corrupted file,
+    too many undecodable images) raised as `train.UserError`."""
+    try:
+        return function(*args)
+    except tf.errors.OpError as error:
+        user_error = data.user_error(error)
+        if user_error is None:
+            raise
+        raise user_error from None
+
+
 def _evaluate(evaluate, eval_dataset, summary_writers, step: int, log) -> dict:
     """One pass over the validation split: loss, top-1 and top-5 accuracy."""
-    loss_sum, top1, top5, count = evaluate(eval_dataset).numpy().tolist()
+    loss_sum, top1, top5, count = _reading_data(evaluate, eval_dataset)
+    loss_sum, top1, top5, count = (float(x) for x in (loss_sum, top1, top5, count))
     results = {"loss": loss_sum / count, "top1": top1 / count, "top5": top5 / count}
     results["examples"] = count
     with summary_writers["eval"].as_default(step=step):
@@ -528,16 +680,20 @@ def _write_scalar(name: str, value: float) -> None:
     tf.summary.write(name, tf.constant(value, tf.float32), metadata=metadata)
 
 
-def _log_train(log, writer, step: int, schedule: Schedule, logs: dict) -> None:
-    """A progress line and the training scalars for TensorBoard."""
+def _log_train(
+    log, writer, step: int, config: Config, logs: dict, eta_seconds: float
+) -> None:
+    """A progress line (with the estimated time left) and the training scalars
+    for TensorBoard."""
     with writer.as_default(step=step):
         for name, value in logs.items():
             _write_scalar(name, value)
+    minutes, seconds = divmod(round(eta_seconds), 60)
     log(
-        f"train step {step:6d}/{schedule.train_steps}  epoch "
-        f"{step / schedule.steps_per_epoch:6.2f}  loss {logs['loss']:.4f}  "
+        f"train step {step:6d}/{config.train_steps}  epoch "
+        f"{step / config.steps_per_epoch:6.2f}  loss {logs['loss']:.4f}  "
         f"acc {logs['accuracy']:.4f}  lr {logs['learning_rate']:.4g}  "
-        f"{logs['images_per_sec']:.0f} images/s"
+        f"{logs['images_per_sec']:.0f} images/s  ETA {minutes}:{seconds:02d}"
     )
 
 

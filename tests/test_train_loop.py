@@ -1,0 +1,189 @@
+"""The training loop (train/trainer.py), in-process on the default strategy:
+Keras callbacks and checkpoints, the exported model.keras, and the guard that
+skips non-finite steps.
+
+Non-finite steps are injected through the data: the training batches at the
+chosen steps get NaN images (so their loss, gradients and the forward pass's
+BatchNormalization statistics are NaN), the rest are the real stream.
+"""
+
+import math
+import signal
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from train import RunError, config, trainer
+
+TINY = {
+    "source": "synthetic",
+    "num_classes": 10,
+    "image_size": 16,
+    "global_batch_size": 32,
+    "warmup_epochs": 0,
+}
+
+
+@pytest.fixture(autouse=True)
+def _keep_sigterm():
+    """trainer.run installs a SIGTERM handler; give the test process its own back."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+class _Recorder(keras.callbacks.Callback):
+    """Records the calls, and after each loop the model's and optimizer's state."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+        self.states = {}  # Step -> (model weights, optimizer variables).
+        self.iterations = {}  # Step -> the optimizer's iteration count.
+
+    def on_train_begin(self, logs=None):
+        self.calls.append(("train_begin", None, None))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls.append(("batch_end", batch, dict(logs)))
+        self.states[batch + 1] = (
+            [v.numpy().copy() for v in self.model.weights],
+            [v.numpy().copy() for v in self.model.optimizer.variables],
+        )
+        self.iterations[batch + 1] = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_end(self, logs=None):
+        self.calls.append(("train_end", None, dict(logs)))
+
+
+def test_loop_drives_keras_callbacks_checkpoints_and_exports_the_model(tmp_path):
+    """With the XLA-compiled step."""
+    c = config.make_config(
+        **TINY,
+        train_steps=10,
+        steps_per_loop=5,
+        jit_compile=True,
+        model_dir=str(tmp_path),
+    )
+    recorder = _Recorder()
+    summary = trainer.run(c, callbacks=[recorder])
+    kinds = [kind for kind, _, _ in recorder.calls]
+    assert kinds == ["train_begin"] + ["batch_end"] * 3 + ["train_end"]
+    # The first loop is one step (an early progress line), then up to 5.
+    batches = [batch for kind, batch, _ in recorder.calls if kind == "batch_end"]
+    assert batches == [0, 5, 9]
+    for _, _, logs in recorder.calls[1:4]:
+        assert set(logs) == {"loss", "accuracy", "learning_rate", "images_per_sec"}
+        assert math.isfinite(logs["loss"]) and 0 <= logs["accuracy"] <= 1
+    assert recorder.calls[-1][2]["top1"] == summary["eval"]["top1"]
+    assert recorder.calls[3][2]["learning_rate"] == 0.0  # Poly decay ends at 0.
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-10")
+    assert summary["nonfinite_steps"] == 0 and len(summary["segments"]) == 1
+
+    # model.keras takes pixels (0-255 units) and gives the trained logits: the
+    # same as the final checkpoint's model on the normalized images.
+    exported = keras.saving.load_model(str(tmp_path / trainer.MODEL_FILE))
+    from train import models
+
+    restored = models.build_model(c.model, c.num_classes, c.image_size, c.channels)
+    tf.train.Checkpoint(model=restored).read(
+        tf.train.latest_checkpoint(str(tmp_path))
+    ).expect_partial()
+    normalized = np.random.default_rng(0).normal(size=(4, 16, 16, 3))
+    pixels = normalized * np.array(c.std) + np.array(c.mean)
+    np.testing.assert_allclose(
+        exported.predict(pixels.astype("float32"), verbose=0),
+        restored(normalized.astype("float32"), training=False).numpy(),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def _poison_steps(monkeypatch, steps: set[int]) -> None:
+    """Makes the training batches of `steps` (1-based) NaN images."""
+    real_make_input_fn = trainer.data.make_input_fn
+    bad_indices = tf.constant(sorted(s - 1 for s in steps), tf.int64)
+
+    def make_input_fn(**kwargs):
+        input_fn = real_make_input_fn(**kwargs)
+        if kwargs["split"] != "train":
+            return input_fn
+
+        def poisoned(context=None, skip_batches=0):
+            def poison(index, batch):
+                images, labels = batch
+                bad = tf.reduce_any(tf.equal(index + skip_batches, bad_indices))
+                return tf.where(bad, images * np.nan, images), labels
+
+            dataset = input_fn(context, skip_batches=skip_batches)
+            return dataset.enumerate().map(poison)
+
+        return poisoned
+
+    monkeypatch.setattr(trainer.data, "make_input_fn", make_input_fn)
+
+
+def _same(state_a, state_b) -> bool:
+    return all(
+        np.array_equal(a, b)
+        for part_a, part_b in zip(state_a, state_b)
+        for a, b in zip(part_a, part_b)
+    )
+
+
+def test_a_nonfinite_step_changes_nothing_and_the_run_goes_on(tmp_path, monkeypatch):
+    _poison_steps(monkeypatch, {3})
+    c = config.make_config(
+        **TINY,
+        train_steps=6,
+        steps_per_loop=1,
+        log_every_steps=1,
+        skip_eval=True,
+        model_dir=str(tmp_path),
+    )
+    recorder = _Recorder()
+    summary = trainer.run(c, callbacks=[recorder])
+    states = recorder.states
+    # Step 3: weights, BN statistics, momentum slots and the optimizer's
+    # iteration count exactly as after step 2.
+    assert _same(states[3], states[2])
+    assert not _same(states[4], states[3])  # Training went on.
+    assert recorder.iterations == {1: 1, 2: 2, 3: 2, 4: 3, 5: 4, 6: 5}
+    assert all(np.isfinite(w).all() for w in states[6][0])
+    assert summary["nonfinite_steps"] == 1 and summary["steps"] == 6
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_checkpoint(
+    tmp_path, monkeypatch
+):
+    # Loops: step 1, then 2-3, 4-6 (checkpoints every 3); steps 4 and 5 are
+    # NaN, so the loop stops after step 5.
+    _poison_steps(monkeypatch, {4, 5})
+    c = config.make_config(
+        **TINY,
+        train_steps=8,
+        steps_per_loop=8,
+        checkpoint_every_steps=3,
+        max_nonfinite_steps=2,
+        skip_eval=True,
+        model_dir=str(tmp_path),
+    )
+    recorder = _Recorder()
+    with pytest.raises(RunError) as error:
+        trainer.run(c, callbacks=[recorder])
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("step 5: 2 steps in a row had non-finite")
+    assert message.endswith(f"Last good checkpoint: {tmp_path / 'ckpt-3'}")
+    assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-3")
+    assert not (tmp_path / trainer.SUMMARY_FILE).exists()
+    assert not (tmp_path / trainer.MODEL_FILE).exists()
+    # The checkpoint holds the weights of step 3.
+    from train import models
+
+    restored = models.build_model(c.model, c.num_classes, c.image_size, c.channels)
+    tf.train.Checkpoint(model=restored).read(str(tmp_path / "ckpt-3")).expect_partial()
+    for saved, recorded in zip(restored.weights, recorder.states[3][0]):
+        np.testing.assert_array_equal(saved.numpy(), recorded)
