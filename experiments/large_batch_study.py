@@ -9,6 +9,14 @@ AlexNet-BN-like net of ``train/models.py``::
     python -m experiments.large_batch_study --part=imagenette  # the second table
     python -m experiments.large_batch_study --report           # tables and plots
     python -m experiments.large_batch_study --dry_run          # list the runs
+    python -m experiments.large_batch_study --fair --precise_bn --batch_sizes=128,8192
+
+``--fair`` is the protocol the study's conclusions rest on: a fixed 10% of
+MNIST's training set is held out, every optimizer's rate and warm-up is chosen
+on it with the same budget (``select_on_validation``; above the base batch the
+rates span square-root to linear scaling), the chosen setting is repeated over
+seeds, and the test set is read once per run, at its end. The rest of this
+docstring describes the first protocol, kept for its recorded runs.
 
 Every run trains for the same number of epochs with the same schedule: the peak
 rate is ``base_lr * batch / base_batch`` (linear scaling), reached by a linear
