@@ -637,3 +637,131 @@ def test_tfds_unprepared_dataset_is_an_error(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(UserError, match="not prepared.*never downloads"):
         data.dataset_info("tfds", str(tmp_path), "mnist")
+
+
+# ----------------------------------------------------------------------------
+# Damaged files: each stops the run with one line naming the file
+
+
+def _good_records(count: int, label: int = 1) -> list[bytes]:
+    rng = np.random.default_rng(label)
+    return [_example(tf.io.encode_jpeg(_image(rng)).numpy(), label)] * count
+
+
+@pytest.fixture
+def two_shards(tmp_path):
+    """validation-0000{0,1}-of-00002, 6 good records each (labels 1 and 2)."""
+    paths = [tmp_path / f"validation-0000{k}-of-00002" for k in range(2)]
+    for k, path in enumerate(paths):
+        _write(str(path), _good_records(6, k + 1))
+    return paths
+
+
+def _error_of(input_fn) -> UserError:
+    """The UserError of building and reading the pipeline (either may raise)."""
+    try:
+        _collect(input_fn())
+    except UserError as error:
+        return error
+    except tf.errors.OpError as error:
+        converted = data.user_error(error)
+        assert converted is not None, error.message
+        return converted
+    raise AssertionError("the pipeline read damaged data without an error")
+
+
+def test_truncated_shard_is_named(two_shards):
+    contents = two_shards[1].read_bytes()
+    two_shards[1].write_bytes(contents[: len(contents) - 100])
+    error = _error_of(_input_fn(str(two_shards[0].parent), num_classes=2))
+    assert str(error).startswith(f"{two_shards[1]}: truncated TFRecord file: ")
+    assert "\n" not in str(error)
+
+
+def test_garbage_shard_is_named(two_shards):
+    two_shards[0].write_bytes(np.random.default_rng(0).bytes(5000))
+    error = _error_of(_input_fn(str(two_shards[0].parent), num_classes=2))
+    assert str(error) == f"{two_shards[0]}: not a TFRecord file (no valid record " + (
+        "header at its start)"
+    )
+
+
+def test_folder_of_garbage_shards_is_named(two_shards):
+    for path in two_shards:
+        path.write_bytes(np.random.default_rng(1).bytes(300))
+    error = _error_of(_input_fn(str(two_shards[0].parent), num_classes=2))
+    assert str(error).startswith(f"{two_shards[0]}: not a TFRecord file")
+
+
+def test_record_failing_its_checksum_names_the_file(two_shards):
+    """A damaged byte inside a record's data passes the framing check; reading
+    it fails, and the file's end check names the file."""
+    contents = bytearray(two_shards[1].read_bytes())
+    length = int.from_bytes(contents[:8], "little")  # All 6 records are alike.
+    contents[2 * (length + 16) + 12 + length // 2] ^= 0xFF  # Record 2's data.
+    two_shards[1].write_bytes(bytes(contents))
+    error = _error_of(_input_fn(str(two_shards[0].parent), num_classes=2))
+    assert str(error) == (
+        f"corrupted TFRecord file: {two_shards[1]} (a record fails its checksum: "
+        "not all of its 6 records could be read)"
+    )
+
+
+def test_shards_are_checked_once_per_input_fn(two_shards, monkeypatch):
+    input_fn = _input_fn(str(two_shards[0].parent), num_classes=2)
+    checked = []
+    count_records = sources.count_records
+    monkeypatch.setattr(
+        sources,
+        "count_records",
+        lambda path: checked.append(path) or count_records(path),
+    )
+    _collect(input_fn())
+    _collect(input_fn())  # An evaluation every epoch builds the pipeline again.
+    assert checked == [str(path) for path in two_shards]
+
+
+def test_garbage_mnist_file_is_named(mnist_dir):
+    path, _ = mnist_dir
+    (path / "t10k-images-idx3-ubyte.gz").write_bytes(
+        np.random.default_rng(3).bytes(999)
+    )
+    with pytest.raises(UserError) as error:
+        data.make_input_fn(
+            source="mnist", split="validation", data_dir=str(path), global_batch_size=4
+        )
+    assert str(error.value).startswith(f"{path / 't10k-images-idx3-ubyte.gz'}: ")
+
+
+def test_truncated_mnist_file_is_named(mnist_dir):
+    path, _ = mnist_dir
+    images = path / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:-50])  # Header intact, data cut.
+    input_fn = data.make_input_fn(
+        source="mnist", split="validation", data_dir=str(path), global_batch_size=4
+    )
+    with pytest.raises(UserError) as error:
+        input_fn()
+    assert str(error.value).startswith(f"{images}: unreadable (")
+
+
+@pytest.mark.parametrize("folder", ["empty", "mistyped"])
+def test_explicit_folder_without_data_is_named(tmp_path, folder):
+    data_dir = tmp_path if folder == "empty" else tmp_path / "imagnet"
+    with pytest.raises(UserError, match=f"^--data_dir={data_dir}: no "):
+        data.make_input_fn(
+            source="auto", split="train", data_dir=str(data_dir), global_batch_size=4
+        )
+
+
+def test_synthetic_stand_in_for_mnist_has_its_shape_and_sizes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LARS_TF_DATA_DIR", str(tmp_path))  # No MNIST there.
+    stand_in = sources.describe("auto", None)
+    train_fn = data.make_input_fn(source=stand_in, split="train", global_batch_size=64)
+    images, labels = next(iter(train_fn()))
+    assert images.shape == (64, 28, 28, 1)
+    assert int(tf.reduce_max(labels)) < 10
+    eval_fn = data.make_input_fn(
+        source=stand_in, split="validation", global_batch_size=1000
+    )
+    assert sum(int(y.shape[0]) for _, y in eval_fn()) == 10_000

@@ -31,6 +31,7 @@ import os
 import re
 import sys
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -59,6 +60,8 @@ _DATA_ERROR = "[input data] "
 # How many records before each one a pipeline remembers, to name those that
 # fail to decode.
 _NAMES_KEPT = 8
+# Record keys are file number * _FILE_KEY + record number in the file.
+_FILE_KEY = 1 << 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +218,23 @@ def make_input_fn(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Records:
+    """One pipeline's examples before preprocessing, and how to name them.
+
+    An example is (payload, meta): the payload holds what `InputFn._unpack`
+    decodes; meta has the record's ``key``, whether it marks the ``end`` of a
+    file, and there how many records the file's framing holds (``expected``,
+    -1: unknown). ``record_names`` and ``file_names`` turn keys into names.
+    """
+
+    examples: tf.data.Dataset
+    is_encoded: bool
+    record_names: Callable[[tf.Tensor], tf.Tensor]
+    file_names: Callable[[tf.Tensor], tf.Tensor]
+    no_key: np.generic  # The key dtype's zero.
+
+
 class InputFn:
     """Builds one input pipeline per call; made by `make_input_fn`.
 
@@ -272,70 +292,103 @@ class InputFn:
         if self.source.name == "synthetic":  # Its batches are all alike: no skip.
             return self._synthetic(batch_size, seed)
 
-        examples, is_encoded = self._read(input_context, seed)
-        examples = self._shuffle(examples, seed)
+        records = self._read(input_context, seed)
+        examples = self._shuffle(records.examples, seed)
         keep = (pipeline_id, num_pipelines) if step_aligned else (0, 1)
         examples = self._keep(examples, batch_size, skip_batches, keep)
-        if is_encoded:
-            examples = self._decode_skipping_bad(examples)
-        else:
+        if records.is_encoded:
+            examples = self._decode_skipping_bad(examples, records)
+        else:  # Arrays in memory: nothing can fail to decode.
             examples = examples.map(
-                lambda example, seed_pair: (
-                    *self._preprocess(example, seed_pair, False),
-                    example[1]["name"],
+                lambda example, seed_pair: self._checked(
+                    *self._decoded(example, seed_pair, False), example[1], records
                 ),
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=settings.deterministic,
             )
-        return self._batch(examples.map(self._check_label), batch_size)
+        return self._batch(examples, batch_size)
 
     # -- Reading ------------------------------------------------------------
 
     def _read(
         self, input_context: tf.distribute.InputContext | None, seed: int | None
-    ) -> tuple[tf.data.Dataset, bool]:
-        """(examples, whether images are JPEG bytes) of this pipeline's share.
-
-        An example is (payload, meta): the payload holds what `_unpack`
-        decodes; meta names the record, or marks the end of a file with the
-        number of records read from it and the number its framing holds.
-        """
+    ) -> _Records:
         if self.source.name == "imagenet":
-            return self._read_records(input_context, seed), True
+            return self._read_records(input_context, seed)
         if self.source.name == "tfds":
             return self._read_tfds(input_context, seed)
-        return self._read_idx(input_context), False
+        return self._read_idx(input_context)
 
     def _read_records(
         self, input_context: tf.distribute.InputContext | None, seed: int | None
-    ) -> tf.data.Dataset:
+    ) -> _Records:
+        """The split's TFRecords of this pipeline, each file followed by an end
+        marker: a record, decodable like the others, that carries the count."""
         split = self.settings.split
         files = list_record_files(self.source.data_dir, split)
         files, by_files = _share_files(files, input_context, f"{split} files")
         counts = [self._count_records(path) for path in files]
-        file_dataset = tf.data.Dataset.from_tensor_slices((files, counts))
+        file_ids = tf.data.Dataset.from_tensor_slices(
+            (tf.range(len(files), dtype=tf.int64), files, counts)
+        )
         if self.settings.training:
-            file_dataset = file_dataset.shuffle(len(files), seed=seed)
+            file_ids = file_ids.shuffle(len(files), seed=seed)
+        end_record = self._end_record()
 
-        def read_file(path, expected):
+        def read_file(file_id, path, expected):
             records = tf.data.TFRecordDataset(path, buffer_size=RECORD_BUFFER_BYTES)
-            end = tf.data.Dataset.from_tensors((tf.constant(b""), True))
-            records = records.map(lambda record: (record, False)).concatenate(end)
+            records = records.concatenate(tf.data.Dataset.from_tensors(end_record))
             return records.enumerate().map(
-                lambda index, record_end: (
-                    {"record": record_end[0]},
-                    _meta(path, index, record_end[1], expected),
+                lambda index, record: (
+                    {"record": record},
+                    {
+                        "key": file_id * _FILE_KEY + index,
+                        "end": tf.equal(record, end_record),
+                        "expected": tf.cast(expected, tf.int64),
+                    },
                 )
             )
 
-        examples = file_dataset.interleave(
+        examples = file_ids.interleave(
             read_file,
             cycle_length=min(len(files), 16),
             block_length=1,
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=self.settings.deterministic,
         )
-        return examples if by_files else _shard_examples(examples, input_context)
+        if not by_files:
+            examples = _shard_examples(examples, input_context)
+        paths = tf.constant(files)
+        return _Records(
+            examples,
+            is_encoded=True,
+            record_names=lambda keys: tf.strings.join(
+                [
+                    tf.gather(paths, keys // _FILE_KEY),
+                    " record ",
+                    tf.strings.as_string(keys % _FILE_KEY),
+                ]
+            ),
+            file_names=lambda keys: tf.gather(paths, keys // _FILE_KEY),
+            no_key=np.int64(0),
+        )
+
+    def _end_record(self) -> tf.Tensor:
+        """A serialized Example of a 1x1 JPEG that marks the end of a file."""
+        pixel = tf.zeros([1, 1, self.source.channels], tf.uint8)
+        feature = {
+            "image/encoded": tf.train.Feature(
+                bytes_list=tf.train.BytesList(value=[tf.io.encode_jpeg(pixel).numpy()])
+            ),
+            "image/class/label": tf.train.Feature(
+                int64_list=tf.train.Int64List(value=[self.source.label_offset])
+            ),
+            "image/class/text": tf.train.Feature(
+                bytes_list=tf.train.BytesList(value=[b"end of file"])
+            ),
+        }
+        example = tf.train.Example(features=tf.train.Features(feature=feature))
+        return tf.constant(example.SerializeToString())
 
     def _count_records(self, path: str) -> int:
         if path not in self._record_counts:
@@ -344,7 +397,7 @@ class InputFn:
 
     def _read_tfds(
         self, input_context: tf.distribute.InputContext | None, seed: int | None
-    ) -> tuple[tf.data.Dataset, bool]:
+    ) -> _Records:
         import tensorflow_datasets as tfds  # Slow to import: only when used.
 
         builder = tfds.builder(self.source.tfds_name, data_dir=self.source.data_dir)
@@ -377,36 +430,58 @@ class InputFn:
         if not by_files:
             examples = _shard_examples(examples, input_context)
         name = f"tfds:{self.source.tfds_name}/{split}"
+
+        def example(image, label, key, end=False):
+            return {"image": image, "label": tf.cast(label, tf.int64)}, {
+                "key": key,
+                "end": tf.constant(end),
+                "expected": tf.constant(-1, tf.int64),
+            }
+
         examples = examples.map(
-            lambda features: (
-                {
-                    "image": features["image"],
-                    "label": tf.cast(features["label"], tf.int64),
-                },
-                _meta(features.get("tfds_id", name), -1, False, -1),
+            lambda features: example(
+                features["image"],
+                features["label"],
+                features.get("tfds_id", tf.constant(name)),
             )
         )
-        if is_encoded:  # A last element so trailing skips are named too.
-            end = ({"image": tf.constant(b""), "label": tf.constant(0, tf.int64)},)
-            end += (_meta(name, -1, True, -1),)
+        if is_encoded:  # An end marker, so that trailing skips are named too.
+            pixel = tf.zeros([1, 1, self.source.channels], tf.uint8)
+            end = example(tf.io.encode_jpeg(pixel), 0, tf.constant(name), end=True)
             examples = examples.concatenate(tf.data.Dataset.from_tensors(end))
-        return examples, is_encoded
-
-    def _read_idx(
-        self, input_context: tf.distribute.InputContext | None
-    ) -> tf.data.Dataset:
-        images, labels = load_idx_split(self.source.data_dir, self.settings.split)
-        labels_path = os.path.join(
-            self.source.data_dir, sources.IDX_FILES[self.settings.split][1]
+        return _Records(
+            examples,
+            is_encoded,
+            record_names=lambda keys: keys,
+            file_names=lambda keys: keys,
+            no_key=np.bytes_(b""),
         )
-        examples = tf.data.Dataset.from_tensor_slices((images, labels)).map(
-            lambda image, label: (
-                {"image": image, "label": label},
-                _meta(labels_path, -1, False, -1),
+
+    def _read_idx(self, input_context: tf.distribute.InputContext | None) -> _Records:
+        images, labels = load_idx_split(self.source.data_dir, self.settings.split)
+        images_path = os.path.join(
+            self.source.data_dir, sources.IDX_FILES[self.settings.split][0]
+        )
+        examples = tf.data.Dataset.from_tensor_slices((images, labels)).enumerate()
+        examples = examples.map(
+            lambda index, example: (
+                {"image": example[0], "label": example[1]},
+                {"key": index, "end": False, "expected": tf.constant(-1, tf.int64)},
             )
         )
         num_pipelines, pipeline_id = _pipeline(input_context)
-        return examples.shard(num_pipelines, pipeline_id)  # In memory: no files.
+
+        def record_names(keys):
+            indices = tf.strings.as_string(keys)
+            return tf.strings.join([images_path, " image ", indices])
+
+        return _Records(
+            examples.shard(num_pipelines, pipeline_id),  # In memory: no files.
+            is_encoded=False,
+            record_names=record_names,
+            file_names=lambda keys: tf.fill(tf.shape(keys), images_path),
+            no_key=np.int64(0),
+        )
 
     # -- Order --------------------------------------------------------------
 
@@ -431,15 +506,14 @@ class InputFn:
     ) -> tf.data.Dataset:
         """The examples this pipeline decodes: after the first ``skip_batches``
         of its batches, and of the shared stream only batch k with
-        k % num_pipelines == pipeline_id (``keep``). Ends of files always pass."""
+        k % num_pipelines == pipeline_id (``keep``). End markers always pass."""
         pipeline_id, num_pipelines = keep
         first = skip_batches * num_pipelines * batch_size
         if not first and num_pipelines == 1:
             return examples
 
-        def number(count, example_and_seed):  # Counts examples, not file ends.
-            is_end = example_and_seed[0][1]["end"]
-            step = tf.where(is_end, tf.constant(0, tf.int64), 1)
+        def number(count, example_and_seed):  # Counts examples, not end markers.
+            step = tf.where(example_and_seed[0][1]["end"], tf.constant(0, tf.int64), 1)
             return count + step, (count, example_and_seed)
 
         def wanted(index, example_and_seed):
@@ -455,14 +529,16 @@ class InputFn:
 
     # -- Decoding -----------------------------------------------------------
 
-    def _decode_skipping_bad(self, examples: tf.data.Dataset) -> tf.data.Dataset:
+    def _decode_skipping_bad(
+        self, examples: tf.data.Dataset, records: _Records
+    ) -> tf.data.Dataset:
         """Decoded examples, without those whose image fails to decode: they
         are named on stderr and counted, and more than ``max_skipped_records``
-        distinct ones stop the pipeline. Also checks at each file's end that
-        every record its framing holds was read.
+        distinct ones stop the pipeline. At each end marker, also checks that
+        every record the file's framing holds was read.
 
         A failed decode can only be dropped (``ignore_errors``), which leaves
-        no trace of it; so every example carries its position and the names of
+        no trace of it; so every example carries its position and the keys of
         the ``_NAMES_KEPT`` before it, the decode keeps the order, and a gap in
         the positions afterwards names what was dropped.
         """
@@ -471,88 +547,115 @@ class InputFn:
         limit = self.settings.max_skipped_records
 
         def remember(state, example_and_seed):
-            position, names = state
-            name = example_and_seed[0][1]["name"]
-            output = (example_and_seed, position, names)
-            return (position + 1, tf.concat([names[1:], [name]], 0)), output
+            position, keys = state
+            key = example_and_seed[0][1]["key"]
+            state = (position + 1, tf.concat([keys[1:], [key]], 0))
+            return state, (example_and_seed, position, keys)
 
-        def decode(example_and_seed, position, names_before):
-            (payload, meta), seed_pair = example_and_seed
-            image, label = tf.cond(
-                meta["end"],
-                lambda: (self._blank_image(), tf.constant(0, tf.int64)),
-                lambda: self._preprocess((payload, meta), seed_pair, True),
+        def decode(example_and_seed, position, keys_before):
+            example, seed_pair = example_and_seed
+            image, label = self._decoded(example, seed_pair, True)
+            return image, label, example[1], position, keys_before
+
+        def account(last_position, element):
+            """Records what was dropped before this example; checks end markers."""
+            image, label, meta, position, keys_before = element
+            dropped = position - last_position - 1
+            named = records.record_names(
+                keys_before[_NAMES_KEPT - tf.minimum(dropped, _NAMES_KEPT) :]
             )
-            return image, label, meta, position, names_before
-
-        def find_gaps(last_position, element):
-            position = element[3]
-            return position, element + (position - last_position - 1,)
-
-        def report(image, label, meta, position, names_before, dropped):
-            del position
-            named = names_before[_NAMES_KEPT - tf.minimum(dropped, _NAMES_KEPT) :]
             record = tf.group(
                 skipped.insert(named, tf.ones_like(named, tf.int64)),
                 unnamed.assign_add(tf.maximum(dropped - _NAMES_KEPT, 0)),
             )
             with tf.control_dependencies([record]):
                 total = skipped.size() + unnamed.read_value()
-            printed = tf.print(
-                "Skipped records whose image does not decode:",
-                tf.strings.reduce_join(named, separator=", "),
-                "(skipped so far:",
-                total,
-                f"of at most {limit}, --max_skipped_records)",
-                output_stream=sys.stderr,
-            )
-            with tf.control_dependencies([printed]):
+
+            def say():
+                tf.print(
+                    "Skipped records whose image does not decode:",
+                    tf.strings.reduce_join(named, separator=", "),
+                    "(skipped so far:",
+                    total,
+                    f"of at most {limit}, --max_skipped_records)",
+                    output_stream=sys.stderr,
+                )
+                return tf.constant(True)
+
+            said = tf.cond(dropped > 0, say, lambda: tf.constant(False))
+            with tf.control_dependencies([said]):  # Named first, then stopped.
                 bounded = tf.debugging.Assert(
                     total <= limit,
                     [
                         f"{_DATA_ERROR}more than --max_skipped_records={limit} "
                         "records do not decode; the last:",
-                        named[-1],
+                        tf.strings.reduce_join(named[-1:]),
                     ],
                 )
-            with tf.control_dependencies([bounded]):
-                return tf.identity(image), label, meta
-
-        def after_decode(image, label, meta, position, names_before, dropped):
-            image, label, meta = tf.cond(
-                dropped > 0,
-                lambda: report(image, label, meta, position, names_before, dropped),
-                lambda: (image, label, meta),
+            read_all = tf.logical_or(
+                meta["expected"] < 0, meta["key"] % _FILE_KEY == meta["expected"]
             )
-            complete = tf.logical_or(
-                tf.logical_not(meta["end"]),
-                tf.logical_or(meta["expected"] < 0, meta["index"] == meta["expected"]),
-            )
-            checked = tf.debugging.Assert(
-                complete,
+            complete = tf.debugging.Assert(
+                tf.logical_or(tf.logical_not(meta["end"]), read_all),
                 [
                     _DATA_ERROR + "corrupted TFRecord file:",
-                    meta["name"],
-                    "(read",
-                    meta["index"],
-                    "of its",
+                    records.file_names(meta["key"]),
+                    "(a record fails its checksum: not all of its",
                     meta["expected"],
-                    "records: the next fails its checksum)",
+                    "records could be read)",
                 ],
             )
-            with tf.control_dependencies([checked]):
-                return tf.identity(image), label, meta
+            with tf.control_dependencies([bounded, complete]):
+                return position, self._checked(image, label, meta, records)
 
-        start = (tf.constant(0, tf.int64), tf.fill([_NAMES_KEPT], ""))
+        start = (tf.constant(0, tf.int64), tf.fill([_NAMES_KEPT], records.no_key))
         examples = examples.scan(start, remember)
         examples = examples.map(
             decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         ).ignore_errors()
-        examples = examples.scan(tf.constant(-1, tf.int64), find_gaps)
-        examples = examples.map(after_decode)
-        return examples.filter(lambda image, label, meta: not meta["end"]).map(
-            lambda image, label, meta: (image, label, meta["name"])
+        examples = examples.scan(tf.constant(-1, tf.int64), account)
+        return examples.filter(lambda image, label, is_end: tf.logical_not(is_end))
+
+    def _decoded(self, example, seed_pair, is_encoded: bool):
+        """(image, stored label) of one example."""
+        image, label, boxes = self._unpack(example[0])
+        settings = self.settings
+        crop_fraction = settings.crop_fraction
+        if crop_fraction is None:  # Small decoded images are not center-cropped.
+            crop_fraction = 0.875 if is_encoded else 1.0
+        image = preprocessing.preprocess_image(
+            image,
+            is_encoded=is_encoded,
+            image_size=settings.image_size,
+            training=settings.training,
+            augmentation=settings.augmentation,
+            bbox=boxes,
+            seed=seed_pair,
+            channels=self.source.channels,
+            crop_fraction=crop_fraction,
         )
+        return image, label
+
+    def _checked(self, image, label, meta, records: _Records):
+        """(image, 0-based int32 label, whether it is an end marker); stops the
+        pipeline naming the record when the stored label is outside the
+        source's range."""
+        low = self.source.label_offset
+        high = low + self.source.num_classes
+        in_range = tf.logical_and(label >= low, label < high)
+        assertion = tf.debugging.Assert(
+            in_range,
+            [
+                _DATA_ERROR + "label out of range:",
+                records.record_names(meta["key"]),
+                "has label",
+                label,
+                f"(allowed: {low}..{high - 1}, from label_offset={low} and "
+                f"num_classes={self.source.num_classes})",
+            ],
+        )
+        with tf.control_dependencies([assertion]):
+            return tf.identity(image), tf.cast(label - low, tf.int32), meta["end"]
 
     def _unpack(self, payload: dict) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """(image, label, boxes [1, N, 4]) of a record's payload."""
@@ -572,58 +675,13 @@ class InputFn:
         boxes = tf.expand_dims(tf.stack(box_sides, axis=-1), 0)
         return parsed["image/encoded"], parsed["image/class/label"], boxes
 
-    def _preprocess(self, example, seed_pair, is_encoded: bool):
-        """(image, label) of one example (see `preprocessing.preprocess_image`)."""
-        payload, _ = example
-        image, label, boxes = self._unpack(payload)
-        settings = self.settings
-        crop_fraction = settings.crop_fraction
-        if crop_fraction is None:  # Small decoded images are not center-cropped.
-            crop_fraction = 0.875 if is_encoded else 1.0
-        image = preprocessing.preprocess_image(
-            image,
-            is_encoded=is_encoded,
-            image_size=settings.image_size,
-            training=settings.training,
-            augmentation=settings.augmentation,
-            bbox=boxes,
-            seed=seed_pair,
-            channels=self.source.channels,
-            crop_fraction=crop_fraction,
-        )
-        return image, label
-
-    def _blank_image(self) -> tf.Tensor:
-        size = self.settings.image_size
-        return tf.zeros([size, size, self.source.channels], tf.float32)
-
-    # -- Labels and batches ---------------------------------------------------
-
-    def _check_label(self, image, label, name):
-        """The 0-based int32 label; stops the pipeline naming the record when
-        the stored label is outside the source's range."""
-        low = self.source.label_offset
-        high = low + self.source.num_classes
-        in_range = tf.logical_and(label >= low, label < high)
-        assertion = tf.debugging.Assert(
-            in_range,
-            [
-                _DATA_ERROR + "label out of range:",
-                name,
-                "has label",
-                label,
-                f"(allowed: {low}..{high - 1}, from label_offset={low} and "
-                f"num_classes={self.source.num_classes})",
-            ],
-        )
-        with tf.control_dependencies([assertion]):
-            return image, tf.cast(label - low, tf.int32)
+    # -- Batches --------------------------------------------------------------
 
     def _batch(self, examples: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
         settings = self.settings
         batches = examples.batch(batch_size, drop_remainder=settings.training)
         batches = batches.map(
-            lambda images, labels: (
+            lambda images, labels, _: (
                 preprocessing.normalize(
                     images, self.source.mean, self.source.std, settings.dtype
                 ),
@@ -675,20 +733,6 @@ class InputFn:
             return batch.repeat().prefetch(tf.data.AUTOTUNE)
         num_batches = -(-source.eval_examples // settings.global_batch_size)
         return batch.repeat(num_batches)
-
-
-def _meta(name, index, end, expected) -> dict:
-    """What names an example: its file and record index, or a file's end
-    (``end``) with the records read from the file (``index``) and the number
-    its framing holds (``expected``; -1: unknown)."""
-    index = tf.cast(index, tf.int64)
-    label = tf.strings.join([name, " record ", tf.strings.as_string(index)])
-    return {
-        "name": tf.where(tf.logical_or(end, index < 0), name, label),
-        "index": index,
-        "end": tf.convert_to_tensor(end),
-        "expected": tf.cast(expected, tf.int64),
-    }
 
 
 # ----------------------------------------------------------------------------
