@@ -1,16 +1,24 @@
 """Cost of one optimizer step on ResNet-50's parameters, LARS against its peers.
 
-Parameters have the shapes of ResNet-50's 161 trainable variables (25.6M
-float32 values, from `train.models.build_model("resnet50", 1000, 224)`), with
-random weights and random gradients. Each candidate times `apply_gradients`
-inside a `tf.function` (or, for optax, `update` + `apply_updates` under
-`jax.jit`):
+Parameters have the shapes of `keras.applications.ResNet50`'s 214 trainable
+variables (25.6M float32 values, 160 of them biases and batch-norm vectors),
+with random weights and random gradients. Each candidate times
+`apply_gradients` in each mode a user runs it in (`MODES`):
 
-- `LARS` with `jit_compile=False` (the default) and `jit_compile=True`,
-  weight decay 1e-4 and `exclude_bias_and_norm` for adaptation and decay (the
-  tensorflow/tpu ResNet-50 setting);
+- "graph": inside a `tf.function` (Keras's `jit_compile="auto"` on a CPU);
+- "xla": inside a `tf.function(jit_compile=True)`, the whole step compiled,
+  as `model.compile(jit_compile=True)` (and "auto" on a GPU or TPU) does;
+- "own_jit": `LARS(jit_compile=True)` inside a `tf.function` (one XLA
+  computation per variable); LARS and its designs only.
+
+Candidates:
+
+- `LARS`, weight decay 1e-4 and `exclude_bias_and_norm` for adaptation and
+  decay (the tensorflow/tpu ResNet-50 setting);
 - Keras `SGD(momentum=0.9)`, the floor LARS adds two norms to;
 - Keras `Lamb`, another trust-ratio optimizer;
+- with `--variants`, other designs of LARS's update
+  (`benchmarks/lars_update_designs.py`);
 - `optax.lars` with the same settings under `jax.jit` (donated buffers), in a
   separate process since JAX lives only in the benchmark environment;
 - the memory-bandwidth floor: LARS must read w, g, v and write w, v, 20 bytes
@@ -22,17 +30,21 @@ inside a `tf.function` (or, for optax, `update` + `apply_updates` under
 
 Candidates run interleaved (A B C ... A B C ...) in repeated rounds, each
 round starting at a different candidate, so that load from other processes
-hits all of them alike. The table gives each candidate's median wall time and
-CPU time (of the process that ran it, all threads) per step over rounds, and
-its median ratio to LARS in the same round, with the 25th-75th percentile of
-those per-round ratios. CPU time is disturbed far less than wall time by other
-processes' load; the bandwidth floor is a wall-time figure only.
+hits all of them alike. For each mode a table gives each candidate's median
+wall time and CPU time (of the process that ran it, all threads) per step
+over rounds, and its median per-round ratio to Keras SGD in the same mode,
+with the 25th-75th percentile of those ratios. A last table puts each
+candidate at its best mode against SGD and LARS at theirs (chosen separately
+for wall and CPU time), so no figure compares one at its best with another at
+its worst. CPU time is disturbed far less than wall time by other processes'
+load; the bandwidth floor is a wall-time figure only.
 
 Scenarios, each in its own process: `float32` (the one above), `mixed_bfloat16`
 (Keras's mixed-precision policy: float32 variables and slots, gradients in the
 dtype Keras gives them, found from a small model under the policy), and
 `mirrored` (`tf.distribute.MirroredStrategy` over 2 logical CPU devices, each
-replica holding its own random gradients, so each step also all-reduces).
+replica holding its own random gradients, so each step also all-reduces;
+graph and own_jit only, since XLA-compiling the whole step fails there).
 
 Setup for the optax column (JAX only in a separate environment, never a
 dependency of lars_tf):
@@ -62,6 +74,7 @@ DEFAULT_JAX_PYTHON = "/tmp/bench-venv/bin/python"
 WEIGHT_DECAY = 1e-4
 MOMENTUM = 0.9
 TRUST_COEFFICIENT = 0.001
+SGD = "Keras SGD(momentum=0.9)"
 BYTES_PER_PARAMETER = 20  # read w, g, v and write w, v, 4 bytes each
 
 
@@ -97,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         action="store_true",
-        help="also time other designs of LARS's update (float32 scenario)",
+        help="also time other designs of LARS's update (lars_update_designs.py)",
     )
     parser.add_argument("--scenario", help=argparse.SUPPRESS)  # one, in-process
     parser.add_argument("--optax_worker", action="store_true", help=argparse.SUPPRESS)
@@ -105,10 +118,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
-    """The shapes of ResNet-50's trainable variables, in model order."""
-    from train.models import build_model
+    """The shapes of ResNet-50's trainable variables, in model order.
 
-    model = build_model("resnet50", 1000, 224)
+    From `keras.applications.ResNet50` (no weights downloaded): 214 variables,
+    25.6M values, 160 of them biases and batch-norm vectors.
+    """
+    import keras
+
+    model = keras.applications.ResNet50(weights=None)
     return [tuple(v.shape) for v in model.trainable_variables]
 
 
@@ -173,27 +190,43 @@ def print_table(title: str, wall: dict, cpu: dict, reference: str, notes=()) -> 
 # --- TensorFlow candidates ---------------------------------------------------
 
 
-def make_step(build_optimizer, weights, gradients, strategy=None):
-    """A callable running `steps` `apply_gradients` calls of a new optimizer."""
+MODES = {
+    "graph": "tf.function",
+    "xla": "tf.function(jit_compile=True), as model.compile(jit_compile=True)",
+    "own_jit": "LARS(jit_compile=True) inside tf.function",
+}
+
+
+def make_step(build_optimizer, weights, gradients, mode, strategy=None):
+    """A callable running `steps` `apply_gradients` calls of a new optimizer.
+
+    `mode` is a key of `MODES`: the step is a `tf.function`, XLA-compiled as a
+    whole for "xla"; for "own_jit" `build_optimizer` gets `jit_compile=True`.
+    """
     import keras
     import tensorflow as tf
 
+    def build():
+        if mode == "own_jit":
+            return build_optimizer(jit_compile=True)
+        return build_optimizer()
+
     if strategy is None:
-        optimizer = build_optimizer()
+        optimizer = build()
         variables = [keras.Variable(w) for w in weights]
         optimizer.build(variables)
 
-        @tf.function
+        @tf.function(jit_compile=mode == "xla")
         def step():
             optimizer.apply_gradients(zip(gradients, variables))
 
     else:
         with strategy.scope():
-            optimizer = build_optimizer()
+            optimizer = build()
             variables = [keras.Variable(w) for w in weights]
             optimizer.build(variables)
 
-        @tf.function
+        @tf.function(jit_compile=mode == "xla")
         def step():
             def replica_step(*replica_gradients):
                 optimizer.apply_gradients(zip(replica_gradients, variables))
@@ -209,23 +242,40 @@ def make_step(build_optimizer, weights, gradients, strategy=None):
     return run
 
 
-def tf_optimizers():
-    """The TensorFlow candidates' optimizers, built fresh."""
+def tf_optimizers(variants: bool) -> dict:
+    """The TensorFlow candidates: name -> (builder, the modes it runs in).
+
+    A builder takes `jit_compile` when "own_jit" is among its modes.
+    """
     import keras
 
     import lars_tf
 
-    def lars(jit_compile):
-        return lars_tf.LARS(**lars_settings(), jit_compile=jit_compile)
-
-    return {
-        "LARS (jit_compile=False, default)": lambda: lars(False),
-        "LARS (jit_compile=True)": lambda: lars(True),
-        "Keras SGD(momentum=0.9)": lambda: keras.optimizers.SGD(
-            learning_rate=0.1, momentum=MOMENTUM
+    all_modes = tuple(MODES)
+    candidates = {
+        SGD: (
+            lambda: keras.optimizers.SGD(learning_rate=0.1, momentum=MOMENTUM),
+            ("graph", "xla"),
         ),
-        "Keras Lamb": lambda: keras.optimizers.Lamb(1e-3),
+        "LARS": (
+            lambda jit_compile=False: lars_tf.LARS(
+                **lars_settings(), jit_compile=jit_compile
+            ),
+            all_modes,
+        ),
+        "Keras Lamb": (lambda: keras.optimizers.Lamb(1e-3), ("graph", "xla")),
     }
+    if variants:
+        from benchmarks.lars_update_designs import DESIGNS
+
+        for name, cls in DESIGNS.items():
+            candidates[f"design: {name}"] = (
+                lambda jit_compile=False, cls=cls: cls(
+                    **lars_settings(), jit_compile=jit_compile
+                ),
+                all_modes,
+            )
+    return candidates
 
 
 def bandwidth_candidates(num_parameters: int) -> tuple[dict, dict]:
@@ -277,123 +327,6 @@ def bandwidth_candidates(num_parameters: int) -> tuple[dict, dict]:
         "fused momentum kernel (1 flat array)": None,
     }
     return candidates, bytes_moved
-
-
-def other_lars_designs() -> dict:
-    """LARS with other per-variable update designs: earlier ones and XLA attempts.
-
-    "tf.norm": the first design, `tf.norm` of w and g (a square into a
-    temporary, then a sum), and weight decay as `g + d * w` (two passes and a
-    temporary). "l2_loss norms": one-pass norms, weight decay still added to
-    the gradient. The current design also folds the decay into the slot.
-
-    XLA attempts (the 20-byte update needs one fused pass, which only a
-    compiler gives with TensorFlow's kernels): "XLA update" keeps the one-pass
-    `l2_loss` norms and runs `slot = m * slot - lr * (g + d * w); w += slot` as
-    one XLA computation per variable; "XLA, all variables" compiles the whole
-    step (norms and updates of all 161 variables) into one XLA computation.
-    """
-    import keras
-    import tensorflow as tf
-
-    import lars_tf
-    from lars_tf.lars import trust_ratio
-
-    def l2_norm(x):
-        return tf.sqrt(2 * tf.nn.l2_loss(x))
-
-    def kernel_update(variable, velocity, gradient, learning_rate, weight_decay):
-        # `g + d * w` (two passes and a temporary), then the fused kernel.
-        if weight_decay:
-            gradient = gradient + weight_decay * variable
-        tf.raw_ops.ResourceApplyKerasMomentum(
-            var=variable.handle,
-            accum=velocity.handle,
-            lr=learning_rate,
-            grad=gradient,
-            momentum=tf.constant(MOMENTUM, variable.dtype),
-        )
-
-    def momentum_update(variable, velocity, gradient, learning_rate, weight_decay):
-        # Keras's slot convention: the slot holds -v.
-        weights = variable.read_value()
-        slot = MOMENTUM * velocity.read_value() - learning_rate * (
-            gradient + weight_decay * weights
-        )
-        velocity.assign(slot)
-        variable.assign(weights + slot)
-
-    def design(norm, update):
-        """LARS whose per-variable update is `norm` for the trust ratio, then
-        `update(variable, velocity, gradient, learning_rate, weight_decay)`."""
-
-        class OtherLARS(lars_tf.LARS):
-            def _fused_update(
-                self,
-                variable,
-                velocity,
-                gradient,
-                learning_rate,
-                *,
-                weight_decay,
-                adapted,
-            ):
-                if adapted:
-                    learning_rate *= trust_ratio(
-                        norm(variable),
-                        norm(gradient),
-                        weight_decay,
-                        self.trust_coefficient,
-                        self.epsilon,
-                    )
-                update(variable, velocity, gradient, learning_rate, weight_decay)
-
-        return lambda: OtherLARS(**lars_settings())
-
-    class AllVariablesXLALARS(lars_tf.LARS):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self._whole_step = tf.function(self._update_all, jit_compile=True)
-
-        def _backend_update_step(self, grads, trainable_variables, learning_rate):
-            variables = [
-                v.value if isinstance(v, keras.Variable) else v
-                for v in trainable_variables
-            ]
-            self._whole_step(grads, variables, tf.convert_to_tensor(learning_rate))
-
-        def _update_all(self, grads, variables, learning_rate):
-            for gradient, variable in zip(grads, variables, strict=True):
-                index = self._get_variable_index(variable)
-                weight_decay = self._decay_rates[index]
-                rate = learning_rate
-                if self._adapted[index]:
-                    weights = variable.read_value()
-                    rate = learning_rate * trust_ratio(
-                        tf.norm(weights),
-                        tf.norm(gradient),
-                        weight_decay,
-                        self.trust_coefficient,
-                        self.epsilon,
-                    )
-                momentum_update(
-                    variable,
-                    self.momentums[index].value,
-                    gradient,
-                    rate,
-                    weight_decay,
-                )
-
-    return {
-        "LARS earlier: tf.norm, g + d*w": design(tf.norm, kernel_update),
-        "LARS earlier: l2_loss norms, g + d*w": design(l2_norm, kernel_update),
-        "LARS attempt: l2_loss norms + XLA update": design(
-            l2_norm, tf.function(momentum_update, jit_compile=True)
-        ),
-        "LARS attempt: XLA, all variables": lambda: AllVariablesXLALARS(
-            **lars_settings()
-        ),
-    }
 
 
 # --- optax, in the benchmark environment's process ---------------------------
@@ -530,46 +463,113 @@ def run_scenario(scenario: str, args: argparse.Namespace) -> None:
     else:
         gradients = [tf.constant(g) for g in gradients]
 
-    builders = tf_optimizers()
-    if args.variants and scenario == "float32":
-        builders.update(other_lars_designs())
-    candidates = {
-        name: make_step(build, weights, gradients, strategy)
-        for name, build in builders.items()
-    }
+    # Under MirroredStrategy on CPU, XLA-compiling the whole step fails (as
+    # compile(jit_compile=True) does), so that scenario has no "xla" mode.
+    usable_modes = ("graph", "own_jit") if scenario == "mirrored" else tuple(MODES)
+    modes_of = {}  # candidate -> {mode: key in `candidates`}
+    candidates = {}
+    for name, (build, modes) in tf_optimizers(args.variants).items():
+        for mode in modes:
+            if mode in usable_modes:
+                key = f"{name} [{mode}]"
+                modes_of.setdefault(name, {})[mode] = key
+                candidates[key] = make_step(build, weights, gradients, mode, strategy)
     worker = None
     bytes_moved = {}
     if scenario == "float32":
         if args.jax_python:
             worker = OptaxWorker(args.jax_python, shapes)
-            candidates["optax.lars under jax.jit"] = worker
+            candidates["optax.lars [jax.jit]"] = worker
+            modes_of["optax.lars"] = {"jax.jit": "optax.lars [jax.jit]"}
             notes.append(f"optax: {worker.version}")
         else:
             notes.append("optax: skipped (no --jax_python)")
         floors, bytes_moved = bandwidth_candidates(num_parameters)
         candidates.update(floors)
 
-    times, cpu_times = interleave(candidates, args.rounds, args.steps)
+    wall, cpu = interleave(candidates, args.rounds, args.steps)
     if worker is not None:
         worker.close()
-    for name in bytes_moved:  # memory bandwidth is a wall-clock figure
-        del cpu_times[name]
-    reference = next(iter(times))
+    floor = None
     if bytes_moved:
         bandwidth = np.max(
-            [n / times[name] for name, n in bytes_moved.items() if n], axis=0
+            [n / wall[name] for name, n in bytes_moved.items() if n], axis=0
         )
-        times["bandwidth floor (20 B/param)"] = (
-            BYTES_PER_PARAMETER * num_parameters / bandwidth
-        )
-        over_floor = times[reference] / times["bandwidth floor (20 B/param)"]
-        q25, q50, q75 = np.percentile(over_floor, [25, 50, 75])
+        floor = BYTES_PER_PARAMETER * num_parameters / bandwidth
         notes.append(
             f"bandwidth: median {np.median(bandwidth) / 1e9:.1f} GB/s (the best "
-            f"copy kernel of each round); {reference} over the floor: "
-            f"{q50:.3f} [{q25:.3f}-{q75:.3f}]"
+            "copy kernel of each round); floor = 20 B/param at that rate; "
+            f"fused momentum kernel over one flat array: "
+            f"{np.median(wall['fused momentum kernel (1 flat array)']) * 1e3:.1f} ms"
         )
-    print_table(f"== scenario: {scenario}", times, cpu_times, reference, notes)
+    print(f"\n== scenario: {scenario}")
+    for note in notes:
+        print(note)
+    print_same_mode_tables(wall, cpu, modes_of)
+    print_best_mode_table(wall, cpu, modes_of, floor)
+
+
+def print_same_mode_tables(wall: dict, cpu: dict, modes_of: dict) -> None:
+    """One table per mode: each candidate against Keras SGD in that mode.
+
+    SGD has no `jit_compile` of its own, so "own_jit" rows compare with SGD in
+    graph mode, where that option is used.
+    """
+    sgd = modes_of[SGD]
+    for mode, description in MODES.items():
+        reference = sgd.get(mode, sgd["graph"])
+        rows = [keys[mode] for keys in modes_of.values() if mode in keys]
+        if not rows:
+            continue
+        print(f"\n-- mode {mode}: {description}; ratios x {reference}")
+        print(
+            f"{'candidate':<58} {'wall ms':>7} {'wall ratio':>21} "
+            f"{'CPU ms':>7} {'CPU ratio':>21}"
+        )
+        for key in rows:
+            print(
+                f"{key:<58} {np.median(wall[key]) * 1e3:7.1f} "
+                f"{ratio_summary(wall[key], wall[reference])} "
+                f"{np.median(cpu[key]) * 1e3:7.1f} "
+                f"{ratio_summary(cpu[key], cpu[reference])}"
+            )
+
+
+def best_mode(times: dict, keys: dict) -> str:
+    """The key of the mode with the least median time among `keys`."""
+    return min(keys.values(), key=lambda key: np.median(times[key]))
+
+
+def print_best_mode_table(wall: dict, cpu: dict, modes_of: dict, floor) -> None:
+    """Each candidate at its best mode against SGD and LARS at theirs.
+
+    The best mode is chosen separately for wall and CPU time (by median); the
+    ratios are per round between those modes' times, so no row compares one
+    candidate at its best with another at its worst.
+    """
+    print("\n-- best mode against best mode (ratios per round, time / time)")
+    print(
+        f"{'candidate':<40} {'best wall':>34} {'x SGD best':>21} "
+        f"{'x LARS best':>21} | {'best CPU':>34} {'x SGD best':>21} "
+        f"{'x LARS best':>21}"
+    )
+    best_wall = {name: best_mode(wall, keys) for name, keys in modes_of.items()}
+    best_cpu = {name: best_mode(cpu, keys) for name, keys in modes_of.items()}
+    for name in modes_of:
+        row = f"{name:<40}"
+        for times, best in ((wall, best_wall), (cpu, best_cpu)):
+            key = best[name]
+            mode = key[len(name) + 2 : -1]
+            row += f" {mode:>9} {np.median(times[key]) * 1e3:6.1f} ms "
+            row += f"{ratio_summary(times[key], times[best[SGD]])} "
+            row += f"{ratio_summary(times[key], times[best['LARS']])} |"
+        print(row[:-2])
+    if floor is not None:
+        print("\n-- LARS designs at their best wall mode over the bandwidth floor")
+        for name in modes_of:
+            if name == "LARS" or name.startswith("design:"):
+                key = best_wall[name]
+                print(f"{key:<58} {ratio_summary(wall[key], floor)}")
 
 
 def main(argv: list[str] | None = None) -> None:
