@@ -1,7 +1,9 @@
-"""Input pipeline throughput against the raw JPEG decode rate, on the same files.
+"""Input pipeline throughput against the reference pipeline and the raw JPEG
+decode rate, on the same files.
 
     python benchmarks/input_pipeline.py [--cache_dir=/tmp/lars_tf_imagenette]
-        [--images=2000] [--rounds=3] [--image_size=224]
+        [--images=2000] [--rounds=3] [--image_size=224] [--jpeg_size=WxH]
+        [--variants=NAME,...]
 
 Converts the Imagenette photos (``$LARS_TF_DATA_DIR/imagenette2-224``, 9,469
 train and 3,925 val real ImageNet JPEGs) into TFRecord shards once (reused from
