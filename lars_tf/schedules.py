@@ -15,7 +15,9 @@ Both schedules here share one step convention, with ``t`` the optimizer step
 ``decay_steps`` is the *total* step count at which the end rate is reached, warm-up
 included (unlike Keras's ``CosineDecay``, whose ``decay_steps`` counts after the
 warm-up). Both formulas give ``peak`` at ``t = warmup_steps``, so the rate is
-continuous.
+continuous. ``ScheduleWithWarmup`` puts the same ramp in front of any other
+schedule; the ramp is ``linear_warmup``, the one warm-up formula of lars_tf.
+The schedules use ``keras.ops`` and run on every Keras backend.
 """
 
 import math
