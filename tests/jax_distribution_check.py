@@ -1,0 +1,170 @@
+"""LARS under Keras's distribution API on JAX, in one of three layouts.
+
+Run by tests/test_jax_distribution.py, one process per layout (JAX's device
+count and multi-process setup are fixed when JAX starts):
+
+- ``single``: one CPU device, no distribution (the reference);
+- ``data_parallel``: ``keras.distribution.DataParallel`` over 2 host devices
+  (``XLA_FLAGS=--xla_force_host_platform_device_count=2``, set here before
+  JAX is imported);
+- ``multi_process``: one of 2 processes joined by
+  ``keras.distribution.initialize`` (JAX's multi-process path, CPU collectives
+  over gloo), each with one device, under ``DataParallel``.
+
+Every layout trains the same small model with ``model.fit`` for a few steps on
+the project's input pipeline (``train.data.make_input_fn``, MNIST format, fixed
+seed, deterministic). One process feeds the global batch and Keras splits it
+between its devices. Each of several processes feeds its own share, built by
+``InputFn`` from a ``tf.distribute.InputContext`` (the way ``train`` shards
+under tf.distribute), with Keras's own sharding of the dataset turned off
+(``DataParallel(auto_shard_dataset=False)``). ``--sharding=keras`` leaves
+Keras's sharding on and feeds every process the global batch instead: with
+Keras 3.15.1 and JAX 0.10.2 on CPU those runs mostly end with other weights
+than one process's, different from run to run (docs/jax.md).
+
+Writes the initial and final weights to ``--output`` (``.npz``) and prints one
+JSON line saying what the run saw (devices, processes, the batch this process
+fed).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+GLOBAL_BATCH = 8
+STEPS = 6
+IMAGE_SIZE = 8
+NUM_CLASSES = 10
+LAYOUTS = ("single", "data_parallel", "multi_process")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layout", choices=LAYOUTS, required=True)
+    parser.add_argument("--data_dir", required=True, help="MNIST-format IDX files")
+    parser.add_argument("--output", required=True, help=".npz for the weights")
+    parser.add_argument("--optimizer", choices=("lars", "sgd"), default="lars")
+    parser.add_argument("--coordinator", help="host:port of process 0")
+    parser.add_argument("--process_id", type=int, default=0)
+    parser.add_argument(
+        "--sharding",
+        choices=("input_fn", "keras"),
+        default="input_fn",
+        help="who shards the data between processes (see the module docstring)",
+    )
+    return parser.parse_args()
+
+
+def make_optimizer(name: str):
+    import keras
+
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=0.1, momentum=0.9)
+    import lars_tf
+
+    return lars_tf.LARS(
+        learning_rate=2.0,
+        momentum=0.9,
+        weight_decay=1e-3,
+        nesterov=True,
+        exclude_from_adaptation=lars_tf.exclude_bias_and_norm,
+        exclude_from_weight_decay=lars_tf.exclude_bias_and_norm,
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ["KERAS_BACKEND"] = "jax"
+    if args.layout == "data_parallel":
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    # The repository root, for lars_tf and train.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    import jax
+    import keras
+    import numpy as np
+
+    if args.layout == "multi_process":
+        keras.distribution.initialize(
+            job_addresses=args.coordinator,
+            num_processes=2,
+            process_id=args.process_id,
+        )
+    import tensorflow as tf  # Only for tf.data.
+
+    from train import data
+
+    multi_process = args.layout == "multi_process"
+    keras_shards = not multi_process or args.sharding == "keras"
+    distribution = None
+    if args.layout != "single":
+        distribution = keras.distribution.DataParallel(auto_shard_dataset=keras_shards)
+        keras.distribution.set_distribution(distribution)
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1)),
+            keras.layers.Conv2D(4, 3, name="conv1"),
+            keras.layers.BatchNormalization(name="bn1"),
+            keras.layers.ReLU(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(NUM_CLASSES, name="fc"),
+        ]
+    )
+    model.compile(
+        optimizer=make_optimizer(args.optimizer),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    initial = [w.numpy() for w in model.weights]
+    input_fn = data.make_input_fn(
+        source="mnist",
+        split="train",
+        data_dir=args.data_dir,
+        global_batch_size=GLOBAL_BATCH,
+        image_size=IMAGE_SIZE,
+        augmentation="minimal",
+        seed=3,
+        deterministic=True,
+    )
+    if keras_shards:
+        dataset = input_fn()
+    else:  # This process's share of each global batch, in step order.
+        dataset = input_fn(
+            tf.distribute.InputContext(
+                num_input_pipelines=jax.process_count(),
+                input_pipeline_id=jax.process_index(),
+                num_replicas_in_sync=jax.process_count(),
+            )
+        )
+    model.fit(dataset, epochs=1, steps_per_epoch=STEPS, verbose=0)
+
+    # The batch this process feeds per step, after any sharding by Keras.
+    fed = dataset
+    if distribution is not None:
+        fed = distribution.distribute_dataset(dataset)
+    images, _ = next(iter(fed))
+    weights = {w.path: w.numpy() for w in model.weights}
+    moved = max(float(abs(w - w0).max()) for w, w0 in zip(weights.values(), initial))
+    arrays = {k.replace("/", "|"): v for k, v in weights.items()}
+    arrays.update({f"initial|{i}": w for i, w in enumerate(initial)})
+    np.savez(args.output, **arrays)
+    print(
+        json.dumps(
+            {
+                "layout": args.layout,
+                "devices": jax.device_count(),
+                "local_devices": jax.local_device_count(),
+                "processes": jax.process_count(),
+                "process_id": jax.process_index(),
+                "batch_fed": int(images.shape[0]),
+                "largest_weight_change": moved,
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""LARS under Keras's distribution API on JAX gives one device's weights.
+
+Each layout of tests/jax_distribution_check.py runs in its own process (JAX
+fixes its devices and its multi-process setup when it starts); all four run at
+once and train the same model on the same tiny MNIST-format data through
+`train.data`'s pipeline. The one-device run is the reference.
+"""
+
+import gzip
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="JAX is not installed"
+)
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "jax_distribution_check.py")
+TIMEOUT_SECONDS = 600  # all four processes; they take about 1 minute on 2 cores
+TOLERANCE = 1e-5  # float32 sums in another order
+IDX_FILES = (  # train.data.IDX_FILES, without importing TensorFlow here
+    ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 64),
+    ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 8),
+)
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The four layouts' JSON reports and weights, keyed by run name."""
+    folder = tmp_path_factory.mktemp("jax_distribution")
+    data_dir = folder / "mnist"
+    data_dir.mkdir()
+    rng = np.random.default_rng(5)
+    for images_name, labels_name, count in IDX_FILES:
+        _write_idx(data_dir / images_name, rng.integers(0, 256, (count, 28, 28)))
+        _write_idx(data_dir / labels_name, rng.integers(0, 10, count))
+
+    coordinator = f"127.0.0.1:{_free_port()}"
+    commands = {
+        "single": ["--layout=single"],
+        "data_parallel": ["--layout=data_parallel"],
+        "process_0": ["--layout=multi_process", "--process_id=0"],
+        "process_1": ["--layout=multi_process", "--process_id=1"],
+    }
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)  # the script sets its own
+    processes = {}
+    try:
+        for name, flags in commands.items():
+            processes[name] = subprocess.Popen(
+                [sys.executable, SCRIPT, *flags, f"--data_dir={data_dir}"]
+                + [f"--output={folder / name}.npz", f"--coordinator={coordinator}"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+            )
+        outputs = {
+            name: process.communicate(timeout=TIMEOUT_SECONDS)[0]
+            for name, process in processes.items()
+        }
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    results = {}
+    for name, process in processes.items():
+        assert process.returncode == 0, f"{name} failed:\n{outputs[name][-3000:]}"
+        report = json.loads(outputs[name].strip().splitlines()[-1])
+        with np.load(folder / f"{name}.npz") as weights:
+            report["weights"] = dict(weights)
+        results[name] = report
+    return results
+
+
+def _assert_same_weights(reference: dict, other: dict) -> None:
+    assert reference.keys() == other.keys()
+    for name, value in reference.items():
+        np.testing.assert_allclose(
+            other[name], value, rtol=TOLERANCE, atol=TOLERANCE, err_msg=name
+        )
+
+
+def test_runs_trained_and_started_from_the_same_weights(runs):
+    # The comparisons below mean something only if training moved the weights
+    # far more than the tolerance, from one starting point.
+    for run in runs.values():
+        assert run["largest_weight_change"] > 1000 * TOLERANCE
+    initial = {k: v for k, v in runs["single"]["weights"].items() if "initial" in k}
+    for run in runs.values():
+        for name, value in initial.items():
+            np.testing.assert_array_equal(run["weights"][name], value)
+
+
+def test_data_parallel_on_two_devices_matches_one_device(runs):
+    run = runs["data_parallel"]
+    assert (run["devices"], run["processes"], run["batch_fed"]) == (2, 1, 8)
+    _assert_same_weights(runs["single"]["weights"], run["weights"])
+
+
+def test_two_processes_match_one_process(runs):
+    for process_id in (0, 1):
+        run = runs[f"process_{process_id}"]
+        assert run["process_id"] == process_id
+        # Two processes of one device each; Keras feeds each half the batch.
+        assert (run["devices"], run["processes"], run["batch_fed"]) == (2, 2, 4)
+        _assert_same_weights(runs["single"]["weights"], run["weights"])
