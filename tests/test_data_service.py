@@ -10,7 +10,6 @@ runs in parallel) and are stopped with SIGTERM at the end.
 import collections
 import os
 import selectors
-import socket
 import subprocess
 import sys
 
@@ -22,14 +21,10 @@ import tensorflow as tf
 from train import FlagError, convert_images, data, data_service
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-START_TIMEOUT = 120  # Seconds for a process to print its ready line.
+# Seconds for a process to print its ready line: ~10 s alone (TensorFlow's
+# import), minutes on a machine loaded many times over.
+START_TIMEOUT = 300
 NUM_EXAMPLES = 24  # Labels 1..24: one class per example, so labels name them.
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(args: list[str], cwd: str) -> subprocess.Popen:
@@ -63,13 +58,15 @@ def _wait_for_line(process: subprocess.Popen, prefix: str) -> str:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """(dispatcher address, worker processes); stopped after the module."""
-    port = _free_port()
-    dispatcher = _start([f"--port={port}"], REPO_ROOT)
+    # Port 0: the dispatcher binds a free port itself (no race with other
+    # programs) and names it in its ready line.
+    dispatcher = _start(["--port=0"], REPO_ROOT)
     processes = [dispatcher]
     try:
         # Workers start once it listens: one that finds no dispatcher retries
         # only after a back-off.
-        _wait_for_line(dispatcher, "tf.data service dispatcher at")
+        line = _wait_for_line(dispatcher, "tf.data service dispatcher at")
+        port = int(line.strip().rpartition(":")[2])
         workers = []
         for number in range(2):
             folder = tmp_path_factory.mktemp(f"worker{number}")
