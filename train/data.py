@@ -233,6 +233,7 @@ class _Records:
     record_names: Callable[[tf.Tensor], tf.Tensor]
     file_names: Callable[[tf.Tensor], tf.Tensor]
     no_key: np.generic  # The key dtype's zero.
+    counted_files: bool = False  # End markers carry the counts to check.
 
 
 class InputFn:
@@ -338,15 +339,13 @@ class InputFn:
         def read_file(file_id, path, expected):
             records = tf.data.TFRecordDataset(path, buffer_size=RECORD_BUFFER_BYTES)
             records = records.concatenate(tf.data.Dataset.from_tensors(end_record))
-            return records.enumerate().map(
-                lambda index, record: (
-                    {"record": record},
-                    {
-                        "key": file_id * _FILE_KEY + index,
-                        "end": tf.equal(record, end_record),
-                        "expected": tf.cast(expected, tf.int64),
-                    },
-                )
+            meta = {"end": tf.constant(False), "expected": tf.cast(expected, tf.int64)}
+            return records.scan(
+                file_id * _FILE_KEY,  # The key of the next record.
+                lambda key, record: (
+                    key + 1,
+                    ({"record": record}, dict(meta, key=key, end=record == end_record)),
+                ),
             )
 
         examples = file_ids.interleave(
@@ -371,6 +370,7 @@ class InputFn:
             ),
             file_names=lambda keys: tf.gather(paths, keys // _FILE_KEY),
             no_key=np.int64(0),
+            counted_files=True,
         )
 
     def _end_record(self) -> tf.Tensor:
@@ -544,7 +544,6 @@ class InputFn:
         """
         self._make_skip_state()
         skipped, unnamed = self._skipped, self._unnamed
-        limit = self.settings.max_skipped_records
 
         def remember(state, example_and_seed):
             position, keys = state
@@ -558,55 +557,31 @@ class InputFn:
             return image, label, example[1], position, keys_before
 
         def account(last_position, element):
-            """Records what was dropped before this example; checks end markers."""
+            """Records what was dropped before this example; checks end markers
+            and labels. Only an example after a gap or with a problem takes the
+            slow branch."""
             image, label, meta, position, keys_before = element
             dropped = position - last_position - 1
-            named = records.record_names(
-                keys_before[_NAMES_KEPT - tf.minimum(dropped, _NAMES_KEPT) :]
-            )
-            record = tf.group(
-                skipped.insert(named, tf.ones_like(named, tf.int64)),
-                unnamed.assign_add(tf.maximum(dropped - _NAMES_KEPT, 0)),
-            )
-            with tf.control_dependencies([record]):
-                total = skipped.size() + unnamed.read_value()
+            low = self.source.label_offset
+            label_ok = (label >= low) & (label < low + self.source.num_classes)
+            fine = (dropped == 0) & label_ok
+            if records.counted_files:
+                fine &= ~meta["end"] | (meta["key"] % _FILE_KEY == meta["expected"])
 
-            def say():
-                tf.print(
-                    "Skipped records whose image does not decode:",
-                    tf.strings.reduce_join(named, separator=", "),
-                    "(skipped so far:",
-                    total,
-                    f"of at most {limit}, --max_skipped_records)",
-                    output_stream=sys.stderr,
+            def check():
+                named = records.record_names(
+                    keys_before[_NAMES_KEPT - tf.minimum(dropped, _NAMES_KEPT) :]
                 )
-                return tf.constant(True)
+                return self._check_example(
+                    named, dropped, label, meta, records, skipped, unnamed
+                )
 
-            said = tf.cond(dropped > 0, say, lambda: tf.constant(False))
-            with tf.control_dependencies([said]):  # Named first, then stopped.
-                bounded = tf.debugging.Assert(
-                    total <= limit,
-                    [
-                        f"{_DATA_ERROR}more than --max_skipped_records={limit} "
-                        "records do not decode; the last:",
-                        tf.strings.reduce_join(named[-1:]),
-                    ],
+            with tf.control_dependencies([tf.cond(fine, tf.no_op, check)]):
+                return position, (
+                    tf.identity(image),
+                    tf.cast(label - low, tf.int32),
+                    meta["end"],
                 )
-            read_all = tf.logical_or(
-                meta["expected"] < 0, meta["key"] % _FILE_KEY == meta["expected"]
-            )
-            complete = tf.debugging.Assert(
-                tf.logical_or(tf.logical_not(meta["end"]), read_all),
-                [
-                    _DATA_ERROR + "corrupted TFRecord file:",
-                    records.file_names(meta["key"]),
-                    "(a record fails its checksum: not all of its",
-                    meta["expected"],
-                    "records could be read)",
-                ],
-            )
-            with tf.control_dependencies([bounded, complete]):
-                return position, self._checked(image, label, meta, records)
 
         start = (tf.constant(0, tf.int64), tf.fill([_NAMES_KEPT], records.no_key))
         examples = examples.scan(start, remember)
@@ -637,25 +612,95 @@ class InputFn:
         return image, label
 
     def _checked(self, image, label, meta, records: _Records):
-        """(image, 0-based int32 label, whether it is an end marker); stops the
-        pipeline naming the record when the stored label is outside the
-        source's range."""
+        """(image, 0-based int32 label, whether it is an end marker)."""
+        low = self.source.label_offset
+        label_ok = (label >= low) & (label < low + self.source.num_classes)
+        checked = tf.cond(
+            label_ok,
+            tf.no_op,
+            lambda: self._check_example(tf.fill([0], ""), 0, label, meta, records),
+        )
+        with tf.control_dependencies([checked]):
+            return tf.identity(image), tf.cast(label - low, tf.int32), meta["end"]
+
+    def _check_example(
+        self,
+        named,
+        dropped,
+        label,
+        meta,
+        records: _Records,
+        skipped=None,
+        unnamed=None,
+    ):
+        """Counts and names the records dropped before an example (``named``,
+        ``dropped``), then stops the pipeline if more than
+        ``max_skipped_records`` were, if the example is an end marker of a file
+        not read to its end, or if its label is out of range."""
+        limit = self.settings.max_skipped_records
+        said = tf.no_op()
+        if skipped is not None:
+            record = tf.group(
+                skipped.insert(named, tf.ones_like(named, tf.int64)),
+                unnamed.assign_add(tf.maximum(dropped - _NAMES_KEPT, 0)),
+            )
+            with tf.control_dependencies([record]):
+                total = skipped.size() + unnamed.read_value()
+            said = tf.cond(
+                dropped > 0,
+                lambda: tf.print(
+                    "Skipped records whose image does not decode:",
+                    tf.strings.reduce_join(named, separator=", "),
+                    "(skipped so far:",
+                    total,
+                    f"of at most {limit}, --max_skipped_records)",
+                    output_stream=sys.stderr,
+                ),
+                tf.no_op,
+            )
         low = self.source.label_offset
         high = low + self.source.num_classes
-        in_range = tf.logical_and(label >= low, label < high)
-        assertion = tf.debugging.Assert(
-            in_range,
-            [
-                _DATA_ERROR + "label out of range:",
-                records.record_names(meta["key"]),
-                "has label",
-                label,
-                f"(allowed: {low}..{high - 1}, from label_offset={low} and "
-                f"num_classes={self.source.num_classes})",
-            ],
-        )
-        with tf.control_dependencies([assertion]):
-            return tf.identity(image), tf.cast(label - low, tf.int32), meta["end"]
+        checks = [
+            (
+                (label >= low) & (label < high),
+                [
+                    _DATA_ERROR + "label out of range:",
+                    records.record_names(meta["key"]),
+                    "has label",
+                    label,
+                    f"(allowed: {low}..{high - 1}, from label_offset={low} and "
+                    f"num_classes={self.source.num_classes})",
+                ],
+            )
+        ]
+        if skipped is not None:
+            checks.append(
+                (
+                    total <= limit,
+                    [
+                        f"{_DATA_ERROR}more than --max_skipped_records={limit} "
+                        "records do not decode; the last:",
+                        tf.strings.reduce_join(named[-1:]),
+                    ],
+                )
+            )
+        if records.counted_files:
+            checks.append(
+                (
+                    ~meta["end"] | (meta["key"] % _FILE_KEY == meta["expected"]),
+                    [
+                        _DATA_ERROR + "corrupted TFRecord file:",
+                        records.file_names(meta["key"]),
+                        "(a record fails its checksum: not all of its",
+                        meta["expected"],
+                        "records could be read)",
+                    ],
+                )
+            )
+        with tf.control_dependencies([said]):  # Named first, then stopped.
+            return tf.group(
+                [tf.debugging.Assert(ok, message) for ok, message in checks]
+            )
 
     def _unpack(self, payload: dict) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """(image, label, boxes [1, N, 4]) of a record's payload."""
