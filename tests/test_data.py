@@ -765,3 +765,24 @@ def test_synthetic_stand_in_for_mnist_has_its_shape_and_sizes(tmp_path, monkeypa
         source=stand_in, split="validation", global_batch_size=1000
     )
     assert sum(int(y.shape[0]) for _, y in eval_fn()) == 10_000
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_uint8_images_normalized_in_the_step_match_the_float_pipeline(
+    imagenet_dir, split
+):
+    """dtype="uint8" delivers the preprocessed pixels (rounded once); `normalize`
+    then gives the float pipeline's images up to that rounding."""
+    data_dir, _ = imagenet_dir
+    options = dict(split=split, augmentation="extended", global_batch_size=8)
+    floats, labels = _collect(_input_fn(data_dir, **options)(), max_batches=3)
+    uint8_fn = _input_fn(data_dir, dtype="uint8", **options)
+    pixels, uint8_labels = _collect(uint8_fn(), max_batches=3)
+    assert pixels.dtype == np.uint8 and pixels.shape == floats.shape
+    np.testing.assert_array_equal(uint8_labels, labels)
+    normalized = data.normalize(tf.constant(pixels), uint8_fn.source).numpy()
+    np.testing.assert_allclose(
+        normalized, (pixels.astype(np.float64) - MEAN) / STD, atol=1e-4
+    )
+    # Rounding to the nearest pixel value moves each value by at most 0.5 / std.
+    np.testing.assert_allclose(normalized, floats, atol=0.5 / STD.min() + 1e-4)
