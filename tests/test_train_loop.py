@@ -106,21 +106,27 @@ def _poison_steps(monkeypatch, steps: set[int]) -> None:
     real_make_input_fn = trainer.data.make_input_fn
     bad_indices = tf.constant(sorted(s - 1 for s in steps), tf.int64)
 
-    def make_input_fn(**kwargs):
-        input_fn = real_make_input_fn(**kwargs)
-        if kwargs["split"] != "train":
-            return input_fn
+    class Poisoned:
+        """The real InputFn (its counts too), with NaN images at `steps`."""
 
-        def poisoned(context=None, skip_batches=0):
+        def __init__(self, input_fn):
+            self.input_fn = input_fn
+
+        def __getattr__(self, name):
+            return getattr(self.input_fn, name)
+
+        def __call__(self, context=None, skip_batches=0):
             def poison(index, batch):
                 images, labels = batch
                 bad = tf.reduce_any(tf.equal(index + skip_batches, bad_indices))
                 return tf.where(bad, images * np.nan, images), labels
 
-            dataset = input_fn(context, skip_batches=skip_batches)
+            dataset = self.input_fn(context, skip_batches=skip_batches)
             return dataset.enumerate().map(poison)
 
-        return poisoned
+    def make_input_fn(**kwargs):
+        input_fn = real_make_input_fn(**kwargs)
+        return Poisoned(input_fn) if kwargs["split"] == "train" else input_fn
 
     monkeypatch.setattr(trainer.data, "make_input_fn", make_input_fn)
 

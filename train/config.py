@@ -15,7 +15,7 @@ Any mistake raises `train.FlagError` (one line, naming the flag and what is
 allowed).
 
 The second half of the file keeps the run's configuration in its model folder:
-`check_model_dir` compares a resumed run with the recorded one.
+`check_resume` compares a resumed run with the one recorded there.
 """
 
 import dataclasses

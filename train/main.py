@@ -13,6 +13,7 @@ on stderr), 3 when the run stopped on non-finite steps (`train.RunError`),
 143 when SIGTERM stopped it after a checkpoint.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -39,6 +40,10 @@ def main(argv: list[str]) -> None:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     if not flags.FLAGS["verbosity"].present:  # TF's INFO lines drown the progress.
         logging.set_verbosity(logging.WARNING)
+    if flags.FLAGS.deterministic:
+        # TensorFlow's oneDNN CPU kernels give results that differ from run to
+        # run in the last bits, op determinism or not; read when TF starts.
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         run_config = config.from_flag_values(flags.FLAGS)
         from train import trainer  # TensorFlow starts here, after the checks.

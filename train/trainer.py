@@ -200,6 +200,13 @@ def run(
         )
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
+        if os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0":
+            log(
+                "Warning: --deterministic with TensorFlow's oneDNN CPU kernels on: "
+                "results may differ from run to run in the last bits. Set "
+                "TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow starts (train.main "
+                "does) for bit-identical runs."
+            )
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.precision)
 
@@ -260,7 +267,9 @@ def run(
 
     train_iterator = iter(strategy.distribute_datasets_from_function(train_dataset_fn))
     eval_dataset = strategy.distribute_datasets_from_function(eval_input_fn)
-    train_loop, evaluate = _make_step_functions(config, strategy, model, optimizer)
+    train_loop, evaluate, average_statistics = _make_step_functions(
+        config, strategy, model, optimizer
+    )
 
     summary_writers = {
         name: tf.summary.create_file_writer(os.path.join(model_dir, name))
@@ -312,6 +321,9 @@ def run(
         train_seconds += seconds
         step += steps_run
         step_counter.assign(step)
+        if replicas > 1:
+            with strategy.scope():  # Assigns every replica's copy.
+                average_statistics()
         if skipped:
             nonfinite_steps += int(skipped)
             log(
@@ -501,7 +513,8 @@ def _make_step_functions(
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
 ):
-    """The `tf.function`s: a loop of training steps, and one evaluation pass."""
+    """The `tf.function`s: a loop of training steps, one evaluation pass, and
+    the averaging of the replicas' BatchNormalization statistics."""
     global_batch = config.global_batch_size
     num_classes = config.num_classes
     top_k = min(5, num_classes)
@@ -638,7 +651,19 @@ def _make_step_functions(
             )
         return totals
 
-    return train_loop, evaluate
+    @tf.function
+    def average_statistics():
+        """Sets every replica's BatchNormalization statistics to their mean.
+
+        Keras keeps one copy per replica, each updated from that replica's
+        part of the batch, and evaluation reads the local copy: without this,
+        results would depend on which replica evaluates which example.
+        """
+        for variable in model.non_trainable_variables:
+            local = strategy.run(lambda v=variable: tf.identity(v.value))
+            variable.assign(strategy.reduce("MEAN", local, axis=None))
+
+    return train_loop, evaluate, average_statistics
 
 
 def _reading_data(function, *args):
