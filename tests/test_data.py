@@ -762,9 +762,14 @@ def test_synthetic_stand_in_for_mnist_has_its_shape_and_sizes(tmp_path, monkeypa
     assert images.shape == (64, 28, 28, 1)
     assert int(tf.reduce_max(labels)) < 10
     eval_fn = data.make_input_fn(
-        source=stand_in, split="validation", global_batch_size=1000
+        source=stand_in, split="validation", global_batch_size=128
     )
     assert sum(int(y.shape[0]) for _, y in eval_fn()) == 10_000
+    shares = [  # Two pipelines of one replica each: 64 per batch.
+        sum(int(y.shape[0]) for _, y in eval_fn(tf.distribute.InputContext(2, i, 2)))
+        for i in range(2)
+    ]
+    assert shares == [5_000, 5_000]
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])

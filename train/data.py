@@ -304,7 +304,7 @@ class InputFn:
         else:  # Different pipelines must not draw the same random numbers.
             seed = None if settings.seed is None else settings.seed + pipeline_id
         if self.source.name == "synthetic":  # Its batches are all alike: no skip.
-            return self._synthetic(batch_size, seed)
+            return self._synthetic(batch_size, seed, num_pipelines, pipeline_id)
 
         records = self._read(input_context, seed)
         examples = self._shuffle(records.examples, seed)
@@ -778,8 +778,11 @@ class InputFn:
                     0, dtype=tf.int64, trainable=False
                 )
 
-    def _synthetic(self, batch_size: int, seed: int | None) -> tf.data.Dataset:
-        """One random batch, made once and repeated: it costs nothing per step."""
+    def _synthetic(
+        self, batch_size: int, seed: int | None, num_pipelines: int, pipeline_id: int
+    ) -> tf.data.Dataset:
+        """One random batch, made once and repeated: it costs nothing per step.
+        Evaluation gives this pipeline's share of the source's examples."""
         settings, source = self.settings, self.source
         shape = [batch_size, settings.image_size, settings.image_size, source.channels]
         seed_pair = [0 if seed is None else seed, 0]
@@ -802,8 +805,13 @@ class InputFn:
         batch = tf.data.Dataset.range(1).map(random_batch).cache()
         if settings.training:
             return batch.repeat().prefetch(tf.data.AUTOTUNE)
-        num_batches = -(-source.eval_examples // settings.global_batch_size)
-        return batch.repeat(num_batches)
+        share = len(range(pipeline_id, source.eval_examples, num_pipelines))
+        full_batches, rest = divmod(share, batch_size)
+        batches = batch.repeat(full_batches)
+        if rest:
+            last = batch.map(lambda images, labels: (images[:rest], labels[:rest]))
+            batches = batches.concatenate(last)
+        return batches
 
 
 # ----------------------------------------------------------------------------
