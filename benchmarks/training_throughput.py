@@ -1,30 +1,31 @@
-"""Training-step images/sec with LARS against SGD-momentum, and the input pipeline.
+"""Training images/sec in `model.fit` with LARS against SGD-momentum.
 
-For each model, two copies with the same initial weights train on the same
+For each model, four copies with the same initial weights train on the same
 fixed batch of random images (the step's cost does not depend on pixel
-values), one with `lars_tf.LARS` (momentum 0.9, weight decay 5e-4 and
-`exclude_bias_and_norm`, as in training) and one with Keras
-`SGD(momentum=0.9)`. A step is the forward pass, sparse cross-entropy on the
-logits, the gradients and `apply_gradients`, in one `tf.function` (not
-XLA-compiled: Keras's `jit_compile="auto"` is off on CPU-only machines).
-The two alternate in rounds so that load from other processes hits both
-alike; the table gives images/sec (median over rounds) and the median
-per-round throughput ratio LARS / SGD, with its 25th-75th percentiles, from
-wall time and from this process's CPU time (which other processes' load
-disturbs less).
+values): `lars_tf.LARS` (momentum 0.9, weight decay 5e-4 and
+`exclude_bias_and_norm`, as in training) and Keras `SGD(momentum=0.9)`, each
+compiled with `jit_compile=False` and with `jit_compile=True` (the whole train
+step XLA-compiled, as Keras's "auto" does on a GPU or TPU). Each call runs
+`fit(..., steps_per_epoch=steps)`. The copies alternate in rounds so that load
+from other processes hits all alike; the table gives images/sec (median over
+rounds) and the median per-round throughput ratio LARS / SGD, with its
+25th-75th percentiles, from wall time and from this process's CPU time (which
+other processes' load disturbs less), for each `jit_compile` and for each
+optimizer at its faster setting.
 
-Models: `resnet20` (CIFAR-10 shape, 32x32x3) and `small_alexnet_bn` (MNIST
-shape, 28x28x1) at `--batch_size`, and a short `resnet50` (224x224x3, 1000
-classes) at `--resnet50_batch_size`.
+Models (`--models`): `resnet20` (CIFAR-10 shape, 32x32x3) and
+`small_alexnet_bn` (MNIST shape, 28x28x1) at `--batch_size`; optionally a short
+`resnet50` (224x224x3, 1000 classes) at `--resnet50_batch_size`.
 
-Then the input pipeline (`train.data.make_input_fn`, training split, minimal
-augmentation) against what the step consumes: MNIST for `small_alexnet_bn`,
-Imagenette records (converted once by `benchmarks/input_pipeline.py`'s
-`converted_imagenette`) for `resnet50`, timed alone on all cores right after
-the model's steps; the smaller rate bounds training (when both run, they
-share the cores).
+Then, unless `--pipeline_images=0`, the input pipeline
+(`train.data.make_input_fn`, training split, minimal augmentation) against what
+the step consumes: MNIST for `small_alexnet_bn`, Imagenette records (converted
+once by `benchmarks/input_pipeline.py`'s `converted_imagenette`) for
+`resnet50`, timed alone on all cores right after the model's steps; the
+smaller rate bounds training (when both run, they share the cores).
 
-Run (about 3 minutes on a 2-core CPU; fewer rounds or `--models` for less):
+Run (`--rounds=4 --steps=2 --pipeline_images=0` took 20 minutes at load
+average 13-37 on a 2-core CPU, mostly XLA compilation):
 
     python benchmarks/training_throughput.py
 """
