@@ -105,6 +105,7 @@ def test_bad_number_names_the_flag_and_its_range(overrides, flag, allowed):
         ({"source": "tfds"}, "tfds_name"),
         ({"optimizer": "adam"}, "optimizer"),
         ({"model": "vgg16"}, "model"),  # Checked last: needs the Keras import.
+        ({"model": "alexnet", "image_size": 32}, "image_size"),
     ],
 )
 def test_bad_combination_is_named(overrides, flag, monkeypatch):

@@ -60,8 +60,9 @@ class _Recorder(keras.callbacks.Callback):
 
 def test_loop_drives_keras_callbacks_checkpoints_and_exports_the_model(tmp_path):
     """With the XLA-compiled step."""
+    # Batch 500: evaluating the 50,000 synthetic images takes 100 batches.
     c = config.make_config(
-        **TINY,
+        **{**TINY, "global_batch_size": 500},
         train_steps=10,
         steps_per_loop=5,
         jit_compile=True,

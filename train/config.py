@@ -532,6 +532,13 @@ def build_config(values: dict) -> Config:
             "model",
             f"must be one of {', '.join(models.MODEL_NAMES)}, got {v['model']!r}",
         )
+    min_size = models.MIN_IMAGE_SIZE.get(v["model"], 1)
+    if facts.image_size < min_size:
+        raise FlagError(
+            "image_size",
+            f"{v['model']} needs images of at least {min_size}x{min_size}, got "
+            f"{facts.image_size}",
+        )
 
     return Config(
         model=v["model"],

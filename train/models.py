@@ -15,6 +15,9 @@ parameters (what PyTorch's ``numel`` sum and the papers report); Keras's
 import keras
 import tensorflow as tf
 
+# The smallest input of the models that have one: AlexNet's conv1 and three
+# 3x3/2 max-pools need 63 (-> 15 -> 7 -> 3 -> 1).
+MIN_IMAGE_SIZE = {"alexnet": 63, "alexnet_bn": 63}
 # BatchNormalization settings of the tensorflow/tpu ResNet reference (and MLPerf).
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
@@ -156,8 +159,10 @@ def _conv_block(
 
 def _alexnet(num_classes, image_size, channels, *, batch_norm: bool, name: str):
     """Shared AlexNet body; ``batch_norm`` swaps LRN for BN after every conv/fc."""
-    if image_size < 63:  # conv1 and three 3x3/2 max-pools: 63 -> 15 -> 7 -> 3 -> 1
-        raise ValueError(f"{name} needs image_size >= 63, got {image_size}")
+    if image_size < MIN_IMAGE_SIZE[name]:
+        raise ValueError(
+            f"{name} needs image_size >= {MIN_IMAGE_SIZE[name]}, got {image_size}"
+        )
     inputs = keras.Input((image_size, image_size, channels), name="images")
 
     def conv_block(x, index, filters, kernel_size, strides=1, groups=1):
