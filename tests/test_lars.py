@@ -85,15 +85,21 @@ def hyper_of(kwargs):
     )
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+# graph: tf.function; own_jit: LARS(jit_compile=True); outer_xla: the whole
+# step XLA-compiled, as model.compile(jit_compile=True) runs it (the norms take
+# another form there).
+@pytest.mark.parametrize("mode", ["graph", "own_jit", "outer_xla"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_reference(case, jit_compile):
+def test_matches_reference(case, mode):
     kwargs = CASES[case]
     variables, weights, grad_steps = random_problem(seed=len(case))
     lr = 0.7 if kwargs.get("clip") else 1.5
-    optimizer = lars_tf.LARS(learning_rate=lr, jit_compile=jit_compile, **kwargs)
+    optimizer = lars_tf.LARS(learning_rate=lr, jit_compile=mode == "own_jit", **kwargs)
     optimizer.build(variables)
-    apply = tf.function(lambda grads: optimizer.apply_gradients(zip(grads, variables)))
+    apply = tf.function(
+        lambda grads: optimizer.apply_gradients(zip(grads, variables)),
+        jit_compile=mode == "outer_xla",
+    )
     for grads in grad_steps:
         apply([tf.constant(g) for g in grads])
 
