@@ -264,6 +264,11 @@ def tf_optimizers(variants: bool) -> dict:
             ),
             all_modes,
         ),
+        # The opt-in guard against non-finite gradients: its cost on top of LARS.
+        "LARS skip_nonfinite": (
+            lambda: lars_tf.LARS(**lars_settings(), skip_nonfinite=True),
+            ("graph", "xla"),
+        ),
         "Keras Lamb": (lambda: keras.optimizers.Lamb(1e-3), ("graph", "xla")),
     }
     if variants:
