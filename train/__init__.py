@@ -10,9 +10,8 @@ TensorFlow starts.
 
 import os
 
-# The sources of train/data.py and the augmentation levels of
-# train/preprocessing.py.
-SOURCES = ("synthetic", "imagenet", "mnist", "fashion_mnist", "tfds")
+# The augmentation levels of train/preprocessing.py (the data sources' names:
+# `train.sources.SOURCE_NAMES`).
 AUGMENTATIONS = ("none", "minimal", "extended")
 
 

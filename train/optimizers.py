@@ -22,8 +22,8 @@ from train.config import Config
 class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up to a peak rate, then a factor `decay_factor` at each boundary.
 
-    Uses `lars_tf`'s warm-up convention: step `t < warmup_steps` has rate
-    `peak * t / warmup_steps`; from `warmup_steps` on the rate is
+    The warm-up is `lars_tf.linear_warmup` from 0: step `t < warmup_steps`
+    has rate `peak * t / warmup_steps`; from `warmup_steps` on the rate is
     `peak * decay_factor ** (number of boundaries <= t)`.
     """
 
@@ -42,7 +42,9 @@ class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
-        warmup_rate = self.peak_learning_rate * step / max(self.warmup_steps, 1)
+        warmup_rate = lars_tf.linear_warmup(
+            step, self.warmup_steps, 0.0, self.peak_learning_rate
+        )
         passed = sum(ops.cast(step >= b, "float32") for b in self.boundaries)
         decayed_rate = self.peak_learning_rate * ops.power(self.decay_factor, passed)
         return ops.where(step < self.warmup_steps, warmup_rate, decayed_rate)
