@@ -124,9 +124,9 @@ def test_1001_class_convention_keeps_stored_labels(imagenet_dir):
     input_fn = _input_fn(data_dir, label_offset=0, num_classes=None)
     _, labels = _collect(input_fn())
     assert sorted(set(labels.tolist())) == [1, 2]
-    info = data.dataset_info("imagenet", data_dir, label_offset=0)
+    info = sources.describe("imagenet", data_dir, label_offset=0)
     assert info.num_classes == 1001
-    assert data.dataset_info("imagenet", data_dir).num_classes == 1000
+    assert sources.describe("imagenet", data_dir).num_classes == 1000
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
@@ -467,7 +467,7 @@ def test_synthetic_batches():
     assert 0 <= int(tf.reduce_min(first[1])) and int(tf.reduce_max(first[1])) < 10
     # One batch made once and repeated: constant cost per step.
     np.testing.assert_array_equal(first[0].numpy(), second[0].numpy())
-    assert data.dataset_info("synthetic", None).num_classes == 1000
+    assert sources.describe("synthetic", None).num_classes == 1000
 
 
 # ----------------------------------------------------------------------------
@@ -535,7 +535,7 @@ def test_mnist_pipeline_matches_numpy_reference(mnist_dir):
         images[..., 0], (expected_images.astype(np.float64) - mean) / std, atol=1e-4
     )
     np.testing.assert_array_equal(labels, expected_labels.astype(np.int32))
-    info = data.dataset_info("mnist", str(path))
+    info = sources.describe("mnist", str(path))
     assert (info.num_classes, info.channels) == (10, 1)
 
 
@@ -605,7 +605,7 @@ def test_tfds_mock_data(tfds_metadata_dir):
         policy=tfds.testing.MockPolicy.USE_FILES,
         data_dir=tfds_metadata_dir,
     ):
-        info = data.dataset_info("tfds", tfds_metadata_dir, "mnist")
+        info = sources.describe("tfds", tfds_metadata_dir, "mnist")
         input_fn = data.make_input_fn(
             source="tfds",
             tfds_name="mnist",
@@ -627,7 +627,8 @@ def test_tfds_mock_data(tfds_metadata_dir):
             seed=0,
         )
         train_images, _ = next(iter(train_fn()))
-    assert info == data.DatasetInfo(10, 12, 5, 1)
+    facts = (info.num_classes, info.train_examples, info.eval_examples, info.channels)
+    assert facts == (10, 12, 5, 1)
     assert images.shape == (10, 32, 32, 1) and images.dtype == np.float32
     assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 10
     assert train_images.shape == (4, 28, 28, 1)
@@ -636,7 +637,7 @@ def test_tfds_mock_data(tfds_metadata_dir):
 def test_tfds_unprepared_dataset_is_an_error(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(UserError, match="not prepared.*never downloads"):
-        data.dataset_info("tfds", str(tmp_path), "mnist")
+        sources.describe("tfds", str(tmp_path), "mnist")
 
 
 # ----------------------------------------------------------------------------

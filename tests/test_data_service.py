@@ -8,6 +8,7 @@ runs in parallel) and are stopped with SIGTERM at the end.
 """
 
 import collections
+import json
 import os
 import selectors
 import subprocess
@@ -167,6 +168,43 @@ def test_short_training_run_reads_through_the_service(records_dir, cluster):
     )
     history = model.fit(batches, epochs=1, steps_per_epoch=3, verbose=0)
     assert np.isfinite(history.history["loss"][-1])
+
+
+def test_training_app_reads_its_batches_through_the_service(
+    records_dir, cluster, tmp_path
+):
+    address, _ = cluster
+    model_dir = tmp_path / "model"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.main",
+            "--source=imagenet",
+            f"--data_dir={records_dir}",
+            f"--num_classes={NUM_EXAMPLES}",
+            "--image_size=16",
+            "--global_batch_size=8",
+            "--train_steps=2",
+            "--warmup_epochs=0",
+            "--skip_eval",
+            f"--data_service={address}",
+            f"--model_dir={model_dir}",
+        ],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    host_port = address.removeprefix("grpc://")
+    assert f"Training batches from the tf.data service at {host_port}" in (
+        result.stdout
+    )
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["config"]["data_service"] == host_port
+    assert np.isfinite(summary["train"]["loss"])
 
 
 def test_workers_stop_cleanly_on_sigterm(cluster):

@@ -106,11 +106,22 @@ def test_bad_number_names_the_flag_and_its_range(overrides, flag, allowed):
         ({"optimizer": "adam"}, "optimizer"),
         ({"model": "vgg16"}, "model"),  # Checked last: needs the Keras import.
         ({"model": "alexnet", "image_size": 32}, "image_size"),
+        ({"data_service": "host"}, "data_service"),
+        ({"data_service": "grpc://host:0"}, "data_service"),
+        ({"data_service": "host:5050", "deterministic": True}, "data_service"),
     ],
 )
 def test_bad_combination_is_named(overrides, flag, monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     assert _error(**{**SYNTHETIC, **overrides}).flag == flag
+
+
+def test_data_service_address_is_kept_as_host_port(tmp_path):
+    c = config.make_config(
+        **SYNTHETIC, data_service="grpc://10.0.0.2:5050", model_dir=str(tmp_path)
+    )
+    assert c.data_service == "10.0.0.2:5050"
+    assert config.make_config(**SYNTHETIC, model_dir=str(tmp_path)).data_service is None
 
 
 def test_unknown_model_lists_the_builders():

@@ -119,6 +119,9 @@ def _poison_steps(monkeypatch, steps: set[int]) -> None:
         def __call__(self, context=None, skip_batches=0):
             def poison(index, batch):
                 images, labels = batch
+                # uint8 pixels hold no NaN: as floats, which `data.normalize`
+                # in the step takes as well.
+                images = tf.cast(images, tf.float32)
                 bad = tf.reduce_any(tf.equal(index + skip_batches, bad_indices))
                 return tf.where(bad, images * np.nan, images), labels
 
@@ -130,6 +133,21 @@ def _poison_steps(monkeypatch, steps: set[int]) -> None:
         return Poisoned(input_fn) if kwargs["split"] == "train" else input_fn
 
     monkeypatch.setattr(trainer.data, "make_input_fn", make_input_fn)
+
+
+def test_trust_ratio_probe_is_normalized_as_in_the_training_step(tmp_path):
+    c = config.make_config(
+        **TINY, train_steps=2, trust_ratio_every_steps=1, model_dir=str(tmp_path)
+    )
+    input_fn = trainer.data.make_input_fn(
+        source=c.data_source(), split="train", global_batch_size=4, dtype="uint8"
+    )
+    pixels, labels = next(iter(input_fn()))
+    monitor = trainer._trust_ratio_monitor(c, input_fn, None)
+    expected = (pixels.numpy().astype(np.float64) - c.mean) / np.array(c.std)
+    assert pixels.dtype == tf.uint8 and monitor.probe_x.dtype == tf.float32
+    np.testing.assert_allclose(monitor.probe_x[:4], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(monitor.probe_y[:4], labels)
 
 
 def _same(state_a, state_b) -> bool:

@@ -31,6 +31,7 @@ from absl import flags
 
 from lars_tf import validation
 from train import AUGMENTATIONS, FlagError, UserError, sources
+from train.data_service import parse_address
 
 OPTIMIZERS = ("lars", "sgd", "lamb", "adamw")
 SCHEDULES = ("poly", "cosine", "step")
@@ -85,6 +86,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         **fv,
     )
     flags.DEFINE_bool("cache", False, "Cache decoded examples in memory.", **fv)
+    flags.DEFINE_string(
+        "data_service",
+        None,
+        "grpc://HOST:PORT of a tf.data service dispatcher (python -m "
+        "train.data_service); its workers make the training batches and must see "
+        "--data_dir at the same path. Evaluation stays in this process.",
+        **fv,
+    )
     flags.DEFINE_integer(
         "max_skipped_records",
         10,
@@ -259,6 +268,7 @@ class Config:
     augmentation: str
     cache: bool
     max_skipped_records: int
+    data_service: str | None  # HOST:PORT of the dispatcher; None: in-process.
     synthetic_fallback: bool  # Synthetic data because the default folder is absent.
     # Length and batch.
     global_batch_size: int
@@ -488,6 +498,15 @@ def build_config(values: dict) -> Config:
         raise FlagError("num_cpu_devices", "works with --strategy=mirrored only")
     if v["source"] == "tfds" and not v["tfds_name"]:
         raise FlagError("tfds_name", "is required with --source=tfds")
+    data_service = None
+    if v["data_service"] is not None:
+        data_service = parse_address("data_service", v["data_service"])
+        if v["deterministic"]:
+            raise FlagError(
+                "data_service",
+                "cannot be used with --deterministic (the service's workers "
+                "deliver batches in no fixed order)",
+            )
 
     # 3. Paths.
     model_dir = v["model_dir"] or default_model_dir(v["model"])
@@ -556,6 +575,7 @@ def build_config(values: dict) -> Config:
         augmentation=v["augmentation"] or facts.default_augmentation,
         cache=v["cache"],
         max_skipped_records=v["max_skipped_records"],
+        data_service=data_service,
         synthetic_fallback=v["source"] == "auto" and facts.name == "synthetic",
         global_batch_size=batch,
         steps_per_epoch=steps_per_epoch,
@@ -648,6 +668,7 @@ RESUMABLE_FLAGS = (
     "max_nonfinite_steps",
     "max_skipped_records",
     "cache",
+    "data_service",
     "strategy",
     "tpu",
     "num_cpu_devices",

@@ -5,7 +5,10 @@
 pipeline: its share of the files (of the examples, when there are fewer files
 than pipelines), a seeded shuffle and repeat for training, preprocessing that
 decodes only the crop window of a JPEG (`train.preprocessing`), and batches of
-the per-replica size, normalized per channel and cast to the compute dtype.
+the per-replica size: uint8 pixels (``dtype="uint8"``, what the app uses; its
+steps call `normalize` on the device), or normalized per channel and cast to a
+float dtype. With ``data_service`` the training batches are made by the
+workers of a tf.data service (`train.data_service`).
 The facts of each source (classes, sizes, normalization) come from
 `train.sources`.
 
@@ -40,6 +43,7 @@ from tensorflow.python.ops import resource_variable_ops
 
 from train import (
     UserError,
+    data_service,
     preprocessing,
     shared_data_dir,  # noqa: F401  (callers use data.shared_data_dir)
     sources,
@@ -51,11 +55,6 @@ INFO_FILENAME = sources.INFO_FILENAME
 # preprocessed pixels, 4x fewer bytes to the device than float32, for
 # `normalize` inside the model's step.
 DTYPES = ("float32", "bfloat16", "float16", "uint8")
-# (mean, std) of the grey sources, derived from `sources.SOURCES`.
-GREY_NORMALIZATION = {
-    name: (sources.SOURCES[name].mean, sources.SOURCES[name].std)
-    for name in ("mnist", "fashion_mnist")
-}
 RECORD_BUFFER_BYTES = 8 << 20
 # Starts the message of every error a pipeline raises about its data, so that
 # `user_error` can tell them from our own bugs.
@@ -140,6 +139,7 @@ class Settings:
     crop_fraction: float | None = None
     shuffle_buffer_size: int = 10_000
     max_skipped_records: int = 10
+    data_service: str | None = None
 
     @property
     def training(self) -> bool:
@@ -164,6 +164,7 @@ def make_input_fn(
     crop_fraction: float | None = None,
     shuffle_buffer_size: int = 10_000,
     max_skipped_records: int = 10,
+    data_service: str | None = None,
 ) -> "InputFn":
     """An `InputFn` for ``strategy.distribute_datasets_from_function``.
 
@@ -194,6 +195,11 @@ def make_input_fn(
       shuffle_buffer_size: examples in the shuffle buffer.
       max_skipped_records: how many distinct records whose image does not
         decode may be skipped; one more stops the pipeline. 0: none.
+      data_service: ``grpc://HOST:PORT`` of a tf.data service dispatcher
+        (`train.data_service`): training batches are made by its workers, each
+        pipeline a job of its own over its own files. Their skipped records
+        are counted on the workers, not by this `InputFn`. Evaluation ignores
+        it (the exact one pass stays in this process).
     """
     if isinstance(source, str):
         source = sources.describe(
@@ -227,6 +233,7 @@ def make_input_fn(
             crop_fraction=crop_fraction,
             shuffle_buffer_size=shuffle_buffer_size,
             max_skipped_records=max_skipped_records,
+            data_service=data_service,
         ),
     )
 
@@ -286,7 +293,20 @@ class InputFn:
         batches (a resumed run). They are skipped as undecoded records, so
         resuming costs reading, not decoding; the batches that follow are those
         an unskipped pipeline gives next, unless records were skipped as
-        undecodable before that point (each shifts the stream by one)."""
+        undecodable before that point (each shifts the stream by one).
+
+        With ``data_service`` set, training batches come from the service's
+        workers, which run this same pipeline: a job of its own for each call
+        (``job_name`` None), split by files over the workers."""
+        batches = self._build(input_context, skip_batches)
+        if self.settings.training and self.settings.data_service:
+            batches = data_service.distribute(batches, self.settings.data_service)
+            batches = batches.prefetch(tf.data.AUTOTUNE)
+        return batches
+
+    def _build(
+        self, input_context: tf.distribute.InputContext | None, skip_batches: int
+    ) -> tf.data.Dataset:
         settings = self.settings
         if input_context is None:
             batch_size = settings.global_batch_size
