@@ -118,7 +118,8 @@ def test_default_strategy_trains_evaluates_and_writes_results(tmp_path):
     assert eval_scalars["top1"] == [(30, pytest.approx(summary["eval"]["top1"]))]
 
     # The reported evaluation against one recomputed in NumPy from the final
-    # checkpoint, on the same preprocessed validation images.
+    # checkpoint, on the same preprocessed validation images: the uint8 pixels
+    # the run's pipeline delivers, normalized here in float64.
     import keras
     import tensorflow as tf
 
@@ -139,9 +140,12 @@ def test_default_strategy_trains_evaluates_and_writes_results(tmp_path):
         global_batch_size=1000,
         image_size=16,
         num_classes=10,
+        dtype="uint8",
     )
+    mean, std = np.array(summary["config"]["mean"]), np.array(summary["config"]["std"])
     logits, labels = [], []
-    for images, batch_labels in input_fn(None):
+    for pixels, batch_labels in input_fn(None):
+        images = ((pixels.numpy().astype(np.float64) - mean) / std).astype(np.float32)
         logits.append(model(images, training=False).numpy().astype(np.float64))
         labels.append(batch_labels.numpy())
     logits, labels = np.concatenate(logits), np.concatenate(labels)
