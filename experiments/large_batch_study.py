@@ -685,7 +685,7 @@ def validation_split_indices(
 
 def held_out_split(part: str, data_dir: str | None) -> HeldOutSplit:
     """The fair protocol's data for ``part`` (MNIST's IDX files, read whole)."""
-    from train import data
+    from train import data, sources
 
     if PART_SETTINGS[part].source != "mnist":
         raise NotImplementedError(
@@ -695,7 +695,8 @@ def held_out_split(part: str, data_dir: str | None) -> HeldOutSplit:
     images, labels = data.load_idx_split(data_dir, "train")
     test_images, test_labels = data.load_idx_split(data_dir, "validation")
     train, val = validation_split_indices(len(labels))
-    mean, stddev = data.GREY_NORMALIZATION["mnist"]
+    mnist = sources.SOURCES["mnist"]
+    mean, stddev = mnist.mean, mnist.std
     return HeldOutSplit(
         images[train],
         labels[train],
