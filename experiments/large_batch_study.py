@@ -202,6 +202,12 @@ def define_flags() -> None:
     flags.DEFINE_list(
         "optimizers", ["sgd", "lars"], f"With --fair: any of {', '.join(OPTIMIZERS)}."
     )
+    flags.DEFINE_float(
+        "fixed_base_lr",
+        None,
+        "With --fair: no selection; this base rate with --warmup_epochs, over "
+        "--seed and --repeat_seeds (a check outside the equal budget).",
+    )
     flags.DEFINE_bool("dry_run", False, "Print the pending runs and exit.")
     flags.DEFINE_bool("report", False, "Rebuild tables and plots from the JSONs only.")
     flags.DEFINE_string(
@@ -800,6 +806,7 @@ def run_fair_protocol(
     repeat_seeds: Sequence[int],
     run: Callable[[RunConfig], object],
     load: Callable[[], list[dict]],
+    fixed: tuple[float, float] | None = None,
 ) -> dict:
     """The fair protocol for each batch in the order given, each optimizer:
     select the rate and warm-up on the held-out split (``select_on_validation``;
@@ -808,12 +815,18 @@ def run_fair_protocol(
     ``RATE_ANCHOR``, selected first if needed), then the chosen setting
     again with each of ``repeat_seeds``. Returns {(batch, optimizer): chosen
     seed-``template.seed`` config, or None when still undecided (a dry run)}.
+    ``fixed`` = (base rate, warm-up epochs) skips the selection: that setting
+    runs with every seed (a check outside the equal budget).
     """
     base_batch = template.base_batch_size
     chosen = {}
 
     def choose(batch: int, optimizer: str) -> RunConfig | None:
         arm = dataclasses.replace(template, optimizer=optimizer, batch_size=batch)
+        if fixed is not None:
+            setting = dataclasses.replace(arm, base_lr=fixed[0], warmup_epochs=fixed[1])
+            run(setting)
+            return setting
         if batch == base_batch:
             rates = BASE_RATE_GRIDS[optimizer]
         else:
@@ -1359,6 +1372,12 @@ def main_fair(settings: PartSettings, data_dir: str | None) -> None:
         def run(config: RunConfig) -> None:
             run_if_missing(config, FLAGS.output_dir, data_dir)
 
+    fixed = None
+    if FLAGS.fixed_base_lr is not None:
+        if FLAGS.warmup_epochs is None:
+            print("--fixed_base_lr: needs --warmup_epochs", file=sys.stderr)
+            sys.exit(2)
+        fixed = (FLAGS.fixed_base_lr, FLAGS.warmup_epochs)
     chosen = run_fair_protocol(
         template,
         batch_sizes,
@@ -1367,6 +1386,7 @@ def main_fair(settings: PartSettings, data_dir: str | None) -> None:
         _part_value("repeat_seeds", settings, int),
         run,
         load,
+        fixed,
     )
     for (batch, optimizer), config in sorted(chosen.items()):
         choice = (

@@ -67,6 +67,11 @@ $fair --optimizers=sgd,lars --batch_sizes=128
 #     extra seeds at the base batch); Nesterov's grid scales SGD's choice.
 $fair --optimizers=lamb --batch_sizes=128 --repeat_seeds=
 $fair --optimizers=nesterov,lamb --batch_sizes=8192
+# F2b. Outside the equal budget: Nesterov's three rates at 8192 (peaks 1.6-12.8)
+#      all failed to train (44-66%) and the best lay inside the grid, so the
+#      rule tried no lower rate. Nesterov at SGD's chosen 8192 setting, 3 seeds.
+$fair --optimizers=nesterov --batch_sizes=8192 --fixed_base_lr=0.008839 \
+    --warmup_epochs=2
 # F3. 32x the base (the grids above run first: this may not be reached today).
 $fair --optimizers=sgd,lars --batch_sizes=4096
 $fair --optimizers=nesterov,lamb --batch_sizes=4096

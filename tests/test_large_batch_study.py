@@ -380,6 +380,19 @@ def test_nesterov_scales_the_base_batch_choice_of_sgd():
     assert nesterov == [(8192, 0.025), (8192, 0.07071), (8192, 0.2), (8192, 0.5657)]
 
 
+def test_fixed_setting_runs_every_seed_without_selection():
+    run, load, ran = _fake_fair_runner(lambda c: 0.9)
+    chosen = study.run_fair_protocol(
+        _fair_template(), [8192], ["nesterov"], (1.0,), (1, 2), run, load, (0.01, 2.0)
+    )
+    assert [(c.base_lr, c.warmup_epochs, c.seed) for c in ran] == [
+        (0.01, 2.0, 0),
+        (0.01, 2.0, 1),
+        (0.01, 2.0, 2),
+    ]
+    assert chosen[(8192, "nesterov")].base_lr == 0.01
+
+
 def test_fair_protocol_dry_run_stops_where_results_are_missing():
     ran = []
     chosen = study.run_fair_protocol(
