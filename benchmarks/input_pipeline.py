@@ -71,7 +71,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # noqa: E402
 
-from train import convert_images, data, data_service, preprocessing  # noqa: E402
+from train import (  # noqa: E402
+    convert_images,
+    data,
+    data_service,
+    preprocessing,
+    shared_data_dir,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -164,7 +170,7 @@ def converted_imagenette(cache_dir: str) -> str:
     """The shard folder, converting Imagenette's train split on first use."""
     if os.path.exists(os.path.join(cache_dir, data.INFO_FILENAME)):
         return cache_dir
-    source = os.path.join(data.shared_data_dir(), "imagenette2-224", "train")
+    source = os.path.join(shared_data_dir(), "imagenette2-224", "train")
     if not os.path.isdir(source):
         sys.exit(f"Imagenette not found at {source}; set LARS_TF_DATA_DIR")
     print(f"converting {source} -> {cache_dir} (once)", flush=True)

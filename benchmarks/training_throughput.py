@@ -49,7 +49,7 @@ from benchmarks.input_pipeline import (  # noqa: E402
     images_per_second,
 )
 from benchmarks.optimizer_step import interleave, ratio_summary  # noqa: E402
-from train import data, models  # noqa: E402
+from train import data, models, shared_data_dir  # noqa: E402
 
 # name: (num_classes, image_size, channels, input source or None)
 JIT_MODES = (False, True)  # model.compile(jit_compile=...)
@@ -135,7 +135,7 @@ def pipeline_rate(source: str, args: argparse.Namespace, batch_size: int) -> flo
         m for m in MODELS.values() if m[3] == source
     )
     if source == "mnist":
-        data_dir = os.path.join(data.shared_data_dir(), "mnist")
+        data_dir = os.path.join(shared_data_dir(), "mnist")
     else:
         data_dir = converted_imagenette(args.cache_dir)
     input_fn = data.make_input_fn(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from train import convert_images, data, shared_data_dir
+from train import convert_images, data, shared_data_dir, sources
 
 CLASSES = ("n01440764", "n02102040", "n03000684")  # Sorted synset folder names.
 PER_CLASS = 4
@@ -92,7 +92,13 @@ def test_dense_labels_layout_and_rgb(image_folders, tmp_path):
     first_shard = {e["label"] for e in examples if e["file"].startswith("train-00000")}
     assert len(first_shard) > 1
     stored = json.loads((output / data.INFO_FILENAME).read_text())
-    assert data.dataset_info("imagenet", str(output)) == data.DatasetInfo(3, 12, 12, 3)
+    facts = sources.describe("imagenet", str(output))
+    assert (
+        facts.num_classes,
+        facts.train_examples,
+        facts.eval_examples,
+        facts.channels,
+    ) == (3, 12, 12, 3)
     assert stored["classes"] == {name: i + 1 for i, name in enumerate(CLASSES)}
 
 
