@@ -25,6 +25,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Seconds for a process to print its ready line: ~10 s alone (TensorFlow's
 # import), minutes on a machine loaded many times over.
 START_TIMEOUT = 300
+WORKER_TIMEOUT = 90  # A worker past this is replaced (see `cluster`).
 NUM_EXAMPLES = 24  # Labels 1..24: one class per example, so labels name them.
 
 
@@ -40,14 +41,16 @@ def _start(args: list[str], cwd: str) -> subprocess.Popen:
     )
 
 
-def _wait_for_line(process: subprocess.Popen, prefix: str) -> str:
+def _wait_for_line(
+    process: subprocess.Popen, prefix: str, timeout: float = START_TIMEOUT
+) -> str:
     """The process's first output line starting with prefix (it is up then)."""
     selector = selectors.DefaultSelector()
     selector.register(process.stdout, selectors.EVENT_READ)
     seen = []
     while True:
-        if not selector.select(timeout=START_TIMEOUT):
-            raise TimeoutError(f"no {prefix!r} line in {START_TIMEOUT} s: {seen}")
+        if not selector.select(timeout=timeout):
+            raise TimeoutError(f"no {prefix!r} line in {timeout} s: {seen}")
         line = process.stdout.readline()
         if not line:
             raise RuntimeError(f"process ended before {prefix!r}: {seen}")
@@ -72,12 +75,23 @@ def cluster(tmp_path_factory):
         for number in range(2):
             folder = tmp_path_factory.mktemp(f"worker{number}")
             (folder / "worker_id.txt").write_text(str(number))
-            workers.append(
-                _start(["--port=0", f"--dispatcher=127.0.0.1:{port}"], str(folder))
-            )
-        processes += workers
-        for worker in workers:
-            _wait_for_line(worker, "tf.data service worker at")
+            # Seen here about once in ten suite runs: a worker stays at
+            # "registering" for minutes (TF's registration back-off), though
+            # the dispatcher is up. A fresh worker process registers at once,
+            # so a worker not ready in WORKER_TIMEOUT is replaced (3 tries).
+            for attempt in range(3):
+                worker = _start(
+                    ["--port=0", f"--dispatcher=127.0.0.1:{port}"], str(folder)
+                )
+                processes.append(worker)
+                try:
+                    _wait_for_line(worker, "tf.data service worker at", WORKER_TIMEOUT)
+                    break
+                except TimeoutError:
+                    if attempt == 2:
+                        raise
+                    worker.kill()
+            workers.append(worker)
         yield f"grpc://127.0.0.1:{port}", workers
     finally:
         for process in processes:
