@@ -211,8 +211,8 @@ def fit_data(n=128, seed=0):
     return x, y
 
 
-def compiled_model(**lars_kwargs):
-    keras.utils.set_random_seed(0)
+def compiled_model(seed=0, **lars_kwargs):
+    keras.utils.set_random_seed(seed)
     model = small_model()
     model.compile(
         optimizer=lars_tf.LARS(

@@ -13,7 +13,13 @@ import tensorflow as tf
 
 # The reference, the paper's Algorithm 1 in float64, is shared with the
 # per-backend checks (tests/ is on the path under pytest).
-from backend_check import CASES, expected_flags, reference_step
+from backend_check import (
+    CASES,
+    compiled_model,
+    expected_flags,
+    fit_data,
+    reference_step,
+)
 
 import lars_tf
 
@@ -368,41 +374,21 @@ def test_config_round_trip():
     ) == (0.8, 1e-4, True, True, True, 1.0)
 
 
-def _fit_data(n=128, seed=0):
-    """Images whose label is the argmax of a fixed linear map: learnable."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 6, 6, 3)).astype(np.float32)
-    y = np.argmax(x.reshape(n, -1) @ rng.normal(size=(108, 5)), axis=1)
-    return x, y
-
-
-def _compiled_model(seed=0, **lars_kwargs):
-    keras.utils.set_random_seed(seed)
-    model = small_model()
-    model.compile(
-        optimizer=lars_tf.LARS(
-            learning_rate=1.0, trust_coefficient=0.01, weight_decay=1e-4, **lars_kwargs
-        ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    return model
-
-
 def test_fit_decreases_loss():
-    x, y = _fit_data()
-    model = _compiled_model(exclude_from_adaptation=lars_tf.exclude_bias_and_norm)
+    x, y = fit_data()
+    model = compiled_model(exclude_from_adaptation=lars_tf.exclude_bias_and_norm)
     history = model.fit(x, y, batch_size=16, epochs=6, verbose=0)
     losses = history.history["loss"]
     assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_keras_save_load_continues_bit_identically(tmp_path):
-    x, y = _fit_data()
+    x, y = fit_data()
     fit = dict(batch_size=16, verbose=0, shuffle=False)
-    straight = _compiled_model(nesterov=True)
+    straight = compiled_model(nesterov=True)
     straight.fit(x, y, epochs=4, **fit)
 
-    first = _compiled_model(nesterov=True)
+    first = compiled_model(nesterov=True)
     first.fit(x, y, epochs=2, **fit)
     path = str(tmp_path / "m.keras")
     first.save(path)
@@ -444,9 +430,9 @@ def test_tf_train_checkpoint_round_trip(tmp_path):
 
 
 def test_backup_and_restore_resumes_identically(tmp_path):
-    x, y = _fit_data()
+    x, y = fit_data()
     fit = dict(batch_size=16, verbose=0, shuffle=False)
-    straight = _compiled_model()
+    straight = compiled_model()
     straight.fit(x, y, epochs=4, **fit)
 
     class Interrupt(keras.callbacks.Callback):
@@ -455,10 +441,10 @@ def test_backup_and_restore_resumes_identically(tmp_path):
                 raise RuntimeError("interrupted")
 
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
-    model = _compiled_model()
+    model = compiled_model()
     with pytest.raises(RuntimeError, match="interrupted"):
         model.fit(x, y, epochs=4, callbacks=[backup, Interrupt()], **fit)
-    resumed = _compiled_model(seed=99)  # other initial weights: all is restored
+    resumed = compiled_model(seed=99)  # other initial weights: all is restored
     resumed.fit(x, y, epochs=4, callbacks=[backup], **fit)
     for a, b in zip(resumed.weights, straight.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
@@ -466,7 +452,7 @@ def test_backup_and_restore_resumes_identically(tmp_path):
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_trains_with_float32_slots(policy):
-    x, y = _fit_data()
+    x, y = fit_data()
     keras.mixed_precision.set_global_policy(policy)
     try:
         keras.utils.set_random_seed(0)
