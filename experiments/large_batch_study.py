@@ -208,6 +208,14 @@ def define_flags() -> None:
         "With --fair: no selection; this base rate with --warmup_epochs, over "
         "--seed and --repeat_seeds (a check outside the equal budget).",
     )
+    flags.DEFINE_integer(
+        "base_epochs",
+        None,
+        "With --fair: the base batch trains this many epochs (its rate chosen "
+        "at that length) while the other batches train --epochs (default: the "
+        "same), as in the paper's Table 5.",
+        lower_bound=1,
+    )
     flags.DEFINE_bool("dry_run", False, "Print the pending runs and exit.")
     flags.DEFINE_bool("report", False, "Rebuild tables and plots from the JSONs only.")
     flags.DEFINE_string(
@@ -807,6 +815,7 @@ def run_fair_protocol(
     run: Callable[[RunConfig], object],
     load: Callable[[], list[dict]],
     fixed: tuple[float, float] | None = None,
+    base_epochs: int | None = None,
 ) -> dict:
     """The fair protocol for each batch in the order given, each optimizer:
     select the rate and warm-up on the held-out split (``select_on_validation``;
@@ -816,13 +825,17 @@ def run_fair_protocol(
     again with each of ``repeat_seeds``. Returns {(batch, optimizer): chosen
     seed-``template.seed`` config, or None when still undecided (a dry run)}.
     ``fixed`` = (base rate, warm-up epochs) skips the selection: that setting
-    runs with every seed (a check outside the equal budget).
+    runs with every seed (a check outside the equal budget). ``base_epochs``
+    trains the base batch for that many epochs instead of ``template.epochs``
+    (the paper's Table 5: larger batches trained longer than the base).
     """
     base_batch = template.base_batch_size
     chosen = {}
 
     def choose(batch: int, optimizer: str) -> RunConfig | None:
         arm = dataclasses.replace(template, optimizer=optimizer, batch_size=batch)
+        if batch == base_batch and base_epochs is not None:
+            arm = dataclasses.replace(arm, epochs=base_epochs)
         if fixed is not None:
             setting = dataclasses.replace(arm, base_lr=fixed[0], warmup_epochs=fixed[1])
             run(setting)
@@ -1387,6 +1400,7 @@ def main_fair(settings: PartSettings, data_dir: str | None) -> None:
         run,
         load,
         fixed,
+        FLAGS.base_epochs,
     )
     for (batch, optimizer), config in sorted(chosen.items()):
         choice = (

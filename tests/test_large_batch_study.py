@@ -393,6 +393,21 @@ def test_fixed_setting_runs_every_seed_without_selection():
     assert chosen[(8192, "nesterov")].base_lr == 0.01
 
 
+def test_base_epochs_trains_the_base_batch_shorter_than_the_others():
+    run, load, ran = _fake_fair_runner(lambda c: 0.9 if c.base_lr == 0.2 else 0.8)
+    template = dataclasses.replace(_fair_template(), epochs=10)
+    study.run_fair_protocol(
+        template, [8192], ["sgd"], (1.0,), (), run, load, base_epochs=3
+    )
+    assert {(c.batch_size, c.epochs) for c in ran} == {(128, 3), (8192, 10)}
+    # The larger batch's grid still scales the (3-epoch) base batch's choice.
+    assert [c.base_lr for c in ran if c.batch_size == 8192][:3] == [
+        0.025,
+        0.07071,
+        0.2,
+    ]
+
+
 def test_fair_protocol_dry_run_stops_where_results_are_missing():
     ran = []
     chosen = study.run_fair_protocol(
