@@ -516,16 +516,23 @@ def test_read_idx_rejects_bad_files(tmp_path):
         data.read_idx(str(short))
 
 
-def test_mnist_pipeline_matches_numpy_reference(mnist_dir):
-    path, arrays = mnist_dir
-    input_fn = data.make_input_fn(
-        source="fashion_mnist",
-        split="validation",
+def _mnist_input_fn(path, split, **kwargs):
+    """The input_fn of the MNIST files in `path`, batches of 4, deterministic."""
+    config = dict(
+        source="mnist",
+        split=split,
         data_dir=str(path),
         global_batch_size=4,
-        image_size=28,
-        augmentation="none",
         deterministic=True,
+    )
+    config.update(kwargs)
+    return data.make_input_fn(**config)
+
+
+def test_mnist_pipeline_matches_numpy_reference(mnist_dir):
+    path, arrays = mnist_dir
+    input_fn = _mnist_input_fn(
+        path, "validation", source="fashion_mnist", image_size=28, augmentation="none"
     )
     images, labels = _collect(input_fn())
     expected_images, expected_labels = arrays["validation"]
@@ -541,15 +548,8 @@ def test_mnist_pipeline_matches_numpy_reference(mnist_dir):
 
 def test_mnist_training_resizes_and_shards(mnist_dir):
     path, arrays = mnist_dir
-    input_fn = data.make_input_fn(
-        source="mnist",
-        split="train",
-        data_dir=str(path),
-        global_batch_size=4,
-        image_size=32,
-        augmentation="minimal",
-        seed=0,
-        deterministic=True,
+    input_fn = _mnist_input_fn(
+        path, "train", image_size=32, augmentation="minimal", seed=0
     )
     seen = []
     for pipeline_id in range(2):
@@ -566,13 +566,7 @@ def test_missing_idx_file_is_named(mnist_dir):
     path, _ = mnist_dir
     os.remove(path / "train-labels-idx1-ubyte.gz")
     with pytest.raises(UserError, match="missing train-labels-idx1-ubyte.gz"):
-        data.make_input_fn(
-            source="mnist",
-            split="train",
-            data_dir=str(path),
-            global_batch_size=4,
-            image_size=28,
-        )
+        _mnist_input_fn(path, "train", image_size=28)
 
 
 # ----------------------------------------------------------------------------
