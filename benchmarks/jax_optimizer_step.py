@@ -49,6 +49,7 @@ from benchmarks.optimizer_step import (  # noqa: E402
     TRUST_COEFFICIENT,
     WEIGHT_DECAY,
     interleave,
+    interleaved_parser,
     print_table,
     random_arrays,
 )
@@ -59,13 +60,11 @@ CANDIDATES = ("lars", "sgd", "optax_lars", "optax_sgd", "jnp_lars")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line flags."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
-    parser.add_argument("--steps", type=int, default=5, help="steps per round")
-    parser.add_argument(
-        "--candidates",
-        default=",".join(CANDIDATES),
-        help=f"comma-separated subset of {CANDIDATES}",
+    parser = interleaved_parser(
+        __doc__.split("\n\n")[0],
+        steps=5,
+        subset_flag="--candidates",
+        choices=CANDIDATES,
     )
     parser.add_argument(
         "--scale",
@@ -73,12 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1.0,
         help="fraction of each shape's channels (a quick check at e.g. 0.05)",
     )
-    args = parser.parse_args(argv)
-    args.candidates = args.candidates.split(",")
-    unknown = set(args.candidates) - set(CANDIDATES)
-    if unknown or not args.candidates:
-        parser.error(f"--candidates: {sorted(unknown)} not in {CANDIDATES}")
-    return args
+    return parser.parse_args(argv)
 
 
 def resnet50_shapes(scale: float = 1.0) -> list[tuple[int, ...]]:
@@ -113,9 +107,29 @@ def resnet50_shapes(scale: float = 1.0) -> list[tuple[int, ...]]:
     return shapes
 
 
+def donated_loop(step, state, gradients):
+    """A callable running `steps` calls of `step` under `jax.jit`, then waiting.
+
+    `step(*state, gradients)` returns the next state, a pair whose buffers are
+    donated to it (updated in place, as a compiled train step does). The
+    first call, which compiles, runs here, so the callable times steps only.
+    """
+    import jax
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    state = jax.block_until_ready(step(*state, gradients))
+
+    def run(steps):
+        nonlocal state
+        for _ in range(steps):
+            state = step(*state, gradients)
+        jax.block_until_ready(state)
+
+    return run
+
+
 def keras_step(optimizer, weights, gradients):
     """A callable running `steps` jitted `stateless_apply` calls of `optimizer`."""
-    import jax
     import keras
 
     variables = [keras.Variable(w) for w in weights]
@@ -131,16 +145,7 @@ def keras_step(optimizer, weights, gradients):
         )
         return optimizer_values, weight_values
 
-    step = jax.jit(step, donate_argnums=(0, 1))
-    state = jax.block_until_ready(step(*state, gradients))  # compiles
-
-    def run(steps):
-        nonlocal state
-        for _ in range(steps):
-            state = step(*state, gradients)
-        jax.block_until_ready(state)
-
-    return run
+    return donated_loop(step, state, gradients)
 
 
 def optax_step(optimizer, weights, gradients):
@@ -155,21 +160,11 @@ def optax_step(optimizer, weights, gradients):
         updates, optimizer_state = optimizer.update(grads, optimizer_state, params)
         return optax.apply_updates(params, updates), optimizer_state
 
-    step = jax.jit(step, donate_argnums=(0, 1))
-    state = jax.block_until_ready(step(*state, gradients))
-
-    def run(steps):
-        nonlocal state
-        for _ in range(steps):
-            state = step(*state, gradients)
-        jax.block_until_ready(state)
-
-    return run
+    return donated_loop(step, state, gradients)
 
 
 def jnp_lars_step(weights, gradients):
     """A callable running `steps` jitted LARS steps written in `jax.numpy`."""
-    import jax
     import jax.numpy as jnp
 
     def update(w, v, g):
@@ -186,17 +181,8 @@ def jnp_lars_step(weights, gradients):
         updated = [update(w, v, g) for w, v, g in zip(params, velocities, grads)]
         return [w for w, _ in updated], [v for _, v in updated]
 
-    step = jax.jit(step, donate_argnums=(0, 1))
     state = ([jnp.asarray(w) for w in weights], [jnp.zeros_like(g) for g in gradients])
-    state = jax.block_until_ready(step(*state, gradients))
-
-    def run(steps):
-        nonlocal state
-        for _ in range(steps):
-            state = step(*state, gradients)
-        jax.block_until_ready(state)
-
-    return run
+    return donated_loop(step, state, gradients)
 
 
 def make_candidate(name: str, weights, gradients):

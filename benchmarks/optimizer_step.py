@@ -93,15 +93,47 @@ def lars_settings() -> dict:
     )
 
 
+def interleaved_parser(
+    description: str,
+    steps: int,
+    subset_flag: str,
+    choices: tuple[str, ...],
+    subset_note: str = "",
+) -> argparse.ArgumentParser:
+    """The flags of a benchmark that times its candidates with `interleave`.
+
+    `--rounds` and `--steps` (per round, default `steps`), and `subset_flag`:
+    a comma-separated subset of `choices` (default: all), parsed to a list of
+    names; a name not in `choices` is a usage error naming the flag.
+    """
+
+    def subset(value: str) -> list[str]:
+        names = value.split(",")
+        unknown = sorted(set(names) - set(choices))
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{unknown} not in {choices}")
+        return names
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
+    parser.add_argument("--steps", type=int, default=steps, help="steps per round")
+    parser.add_argument(
+        subset_flag,
+        type=subset,
+        default=",".join(choices),
+        help=f"comma-separated subset of {choices}{subset_note}",
+    )
+    return parser
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line flags."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
-    parser.add_argument("--steps", type=int, default=3, help="steps per round")
-    parser.add_argument(
-        "--scenarios",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {SCENARIOS}, each run in its own process",
+    parser = interleaved_parser(
+        __doc__.split("\n\n")[0],
+        steps=3,
+        subset_flag="--scenarios",
+        choices=SCENARIOS,
+        subset_note=", each run in its own process",
     )
     parser.add_argument(
         "--jax_python",
@@ -592,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs",
         flush=True,
     )
-    for scenario in args.scenarios.split(","):
+    for scenario in args.scenarios:
         command = [sys.executable, os.path.abspath(__file__), f"--scenario={scenario}"]
         command += [f"--rounds={args.rounds}", f"--steps={args.steps}"]
         command += [f"--jax_python={args.jax_python}"]
