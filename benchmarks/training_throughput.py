@@ -22,7 +22,9 @@ Then, unless `--pipeline_images=0`, the input pipeline
 the step consumes: MNIST for `small_alexnet_bn`, Imagenette records (converted
 once by `benchmarks/input_pipeline.py`'s `converted_imagenette`) for
 `resnet50`, timed alone on all cores right after the model's steps; the
-smaller rate bounds training (when both run, they share the cores).
+smaller rate bounds training (when both run, they share the cores). The
+pipeline feeding the step as in training, against the step on cached batches:
+`benchmarks/end_to_end_throughput.py`.
 
 Run (`--rounds=4 --steps=2 --pipeline_images=0` took 20 minutes at load
 average 13-37 on a 2-core CPU, mostly XLA compilation):
