@@ -76,7 +76,7 @@ $fair --optimizers=nesterov --batch_sizes=8192 --fixed_base_lr=0.008839 \
 $fair --optimizers=sgd,lars --batch_sizes=4096
 $fair --optimizers=nesterov,lamb --batch_sizes=4096
 # F4. Train longer at 64x (the paper's Table 5): every optimizer at 8192 for 10
-#     epochs (66 steps) with the same budget and selection, the base batch kept
+#     epochs (60 steps) with the same budget and selection, the base batch kept
 #     at its 3 epochs (its choices above are reused).
 $fair --epochs=10 --base_epochs=3 --optimizers=sgd,lars --batch_sizes=8192
 $fair --epochs=10 --base_epochs=3 --optimizers=nesterov,lamb --batch_sizes=8192
