@@ -50,6 +50,11 @@ def _command(model_dir, *args: str) -> list[str]:
     ]
 
 
+def _start(command: list[str], env: dict | None = None, **streams) -> subprocess.Popen:
+    """Starts `command` in the repository root, in the background."""
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env or _env(), **streams)
+
+
 def _run_cli(model_dir, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         _command(model_dir, *args),
@@ -231,10 +236,8 @@ def test_one_device_run_killed_and_preempted_resumes_to_the_same_result(tmp_path
     args += ["--checkpoint_every_steps=10"]
     # The uninterrupted reference runs meanwhile.
     reference_dir = tmp_path / "reference"
-    reference_process = subprocess.Popen(
+    reference_process = _start(
         _command(reference_dir, *args),
-        cwd=REPO_ROOT,
-        env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -243,10 +246,8 @@ def test_one_device_run_killed_and_preempted_resumes_to_the_same_result(tmp_path
     model_dir = tmp_path / "interrupted"
     # 1. SIGKILL as soon as the first checkpoint is complete: the manager
     # writes its `checkpoint` state file after the checkpoint's own files.
-    process = subprocess.Popen(
+    process = _start(
         _command(model_dir, *args),
-        cwd=REPO_ROOT,
-        env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -256,10 +257,8 @@ def test_one_device_run_killed_and_preempted_resumes_to_the_same_result(tmp_path
     assert not (model_dir / "summary.json").exists()
 
     # 2. Rerun; SIGTERM once it has resumed: it saves and exits with 143.
-    process = subprocess.Popen(
+    process = _start(
         _command(model_dir, *args),
-        cwd=REPO_ROOT,
-        env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -318,10 +317,8 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(tmp_path):
     model_dir = tmp_path / "run"
     args = ["--train_steps=15", "--checkpoint_every_steps=5", "--skip_eval"]
     command = _command(model_dir, *args)
-    process = subprocess.Popen(
+    process = _start(
         [sys.executable, "-c", _BLOCKING_MAIN, "ckpt-10", *command[3:]],
-        cwd=REPO_ROOT,
-        env=_env(),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -368,9 +365,8 @@ def test_mirrored_and_multi_worker_agree(tmp_path):
             "task": {"type": "worker", "index": index},
         }
         processes.append(
-            subprocess.Popen(
+            _start(
                 _command(model_dir, "--strategy=multi_worker", *args),
-                cwd=REPO_ROOT,
                 env=_env(TF_CONFIG=json.dumps(tf_config)),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
