@@ -11,10 +11,18 @@ train and 3,925 val real ImageNet JPEGs) into TFRecord shards once (reused from
 
 - ``raw_decode``: read + parse the records and ``tf.io.decode_jpeg`` every image
   (parallel map, no other work): the ceiling an input pipeline is measured against;
-- ``crop_only`` / ``crop_resize``: the ``minimal`` training pipeline's image
-  work and nothing else: crop window + ``decode_and_crop_jpeg`` + flip, then
-  (``crop_resize``) the bilinear resize to ``--image_size``; batched. They show
-  how close to the raw decode rate any pipeline doing that work can get;
+- stages, each one image function alone on the parsed records, batched (no
+  shuffle, seeds, integrity checks or normalization): ``crop_only``: the
+  ``minimal`` crop window + ``decode_and_crop_jpeg`` + flip; ``crop_resize``:
+  the ``minimal`` pipeline's whole image work (`preprocessing.preprocess_image`:
+  window, decode of the window, flip, bilinear resize to ``--image_size``);
+  ``decode_crop_resize``: its window decoded and resized, no flip: the work any
+  pipeline giving the ``minimal`` images must do, so its rate bounds theirs;
+  ``center_crop_resize``: the evaluation image work (center window decoded and
+  resized), which bounds any pipeline giving our evaluation images;
+  ``reference_crop_resize``: the reference's training image work (below)
+  without its pipeline. ``crop_resize`` and ``decode_crop_resize`` are compared
+  with ``reference_train``, ``center_crop_resize`` with ``reference_eval``;
 - ``train_minimal`` / ``train_extended``: the full training pipeline of
   ``train.data.make_input_fn`` (crop-before-decode, flip, resize[, colour],
   batch, normalize) at ``--image_size``;
@@ -39,8 +47,9 @@ train and 3,925 val real ImageNet JPEGs) into TFRecord shards once (reused from
   ablations, our pipelines with the batch normalization replaced by a cast (the
   host work left if normalization ran on the accelerator) or without the
   colour distortion (the ``extended`` work left if it ran on the accelerator);
-  ``minimal_uint8``: the normalization replaced by rounding to uint8 (the
-  host sends uint8 and the accelerator normalizes).
+- ``minimal_uint8`` / ``eval_uint8``: the pipelines as the app runs them
+  (``dtype="uint8"``: each image rounded to uint8 before batching, normalized
+  later on the accelerator).
 
 Imagenette's JPEGs are downscaled to 224x224, so decoding them is cheap next to
 the resize every pipeline does. ``--jpeg_size=500x375`` (ImageNet's most common
@@ -94,6 +103,9 @@ VARIANTS = (
     "raw_decode",
     "crop_only",
     "crop_resize",
+    "decode_crop_resize",
+    "center_crop_resize",
+    "reference_crop_resize",
     "train_minimal",
     "train_extended",
     "eval",
@@ -103,6 +115,7 @@ VARIANTS = (
     "eval_no_normalize",
     "extended_no_color",
     "minimal_uint8",
+    "eval_uint8",
     "service_1_worker",
     "service_2_workers",
     "service_2_workers_uint8",
@@ -116,6 +129,11 @@ REFERENCE_OF = {
     "extended_no_color": "reference_train",
     "eval_no_normalize": "reference_eval",
     "minimal_uint8": "reference_train",
+    "eval_uint8": "reference_eval",
+    "crop_resize": "reference_train",
+    "decode_crop_resize": "reference_train",
+    "center_crop_resize": "reference_eval",
+    "reference_crop_resize": "reference_train",
     "service_1_worker": "train_minimal",
     "service_2_workers": "train_minimal",
     "service_2_workers_uint8": "minimal_uint8",
@@ -131,14 +149,6 @@ def _cast_only(images, mean, std, dtype):
 
 
 @tf.autograph.experimental.do_not_convert
-def _to_uint8(images, mean, std, dtype):
-    """uint8 output: the resized pixels rounded, normalization left to the
-    accelerator."""
-    del mean, std, dtype
-    return tf.cast(tf.round(tf.clip_by_value(images, 0.0, 255.0)), tf.uint8)
-
-
-@tf.autograph.experimental.do_not_convert
 def _no_color(image, seed):
     del seed
     return image
@@ -148,7 +158,6 @@ def _no_color(image, seed):
 # built, the replacement).
 ABLATIONS = {
     "minimal_no_normalize": ("train_minimal", "normalize", _cast_only),
-    "minimal_uint8": ("train_minimal", "normalize", _to_uint8),
     "eval_no_normalize": ("eval", "normalize", _cast_only),
     "extended_no_color": ("train_extended", "distort_color", _no_color),
 }
@@ -158,6 +167,13 @@ SERVICE = {
     "service_2_workers": (2, "train_minimal"),
     "service_2_workers_uint8": (2, "minimal_uint8"),
 }
+STAGES = (
+    "crop_only",
+    "crop_resize",
+    "decode_crop_resize",
+    "center_crop_resize",
+    "reference_crop_resize",
+)
 REFERENCE_CROP_PADDING = 32  # Evaluation crop: image_size / (image_size + 32).
 flags.DEFINE_list(
     "variants",
@@ -263,30 +279,40 @@ def raw_decode_dataset(data_dir: str, batch_size: int) -> tf.data.Dataset:
     return _batched(images, batch_size)
 
 
+def _minimal_window(jpeg: tf.Tensor, seed: tf.Tensor) -> preprocessing.Window:
+    return preprocessing.minimal_crop_window(
+        preprocessing.image_shape(jpeg, is_encoded=True), seed
+    )
+
+
 def stage_dataset(
-    data_dir: str, batch_size: int, image_size: int, resize: bool
+    data_dir: str, batch_size: int, image_size: int, stage: str
 ) -> tf.data.Dataset:
-    """The training pipeline's per-image work alone, for the `minimal` level:
-    the crop window, `decode_and_crop_jpeg`, flip on the uint8 crop, and with
-    `resize` the float bilinear resize to image_size; then batches. Nothing
-    else the pipeline does (per-example seeds, shuffling, label checks,
-    corrupt-record counting, normalization) runs here, so these variants bound
-    what any pipeline doing the same image work can reach."""
+    """One stage's image function (module docstring) on every image, batched.
+    Nothing else the pipelines do (per-example seeds, shuffling, label checks,
+    corrupt-record counting, normalization) runs here."""
     seed = tf.constant([0, 1])
 
-    def crop(jpeg):
-        shape = preprocessing.image_shape(jpeg, is_encoded=True)
-        window = preprocessing.minimal_crop_window(shape, seed)
-        image = preprocessing.crop(jpeg, window, is_encoded=True, channels=3)
-        image = tf.image.stateless_random_flip_left_right(image, seed)
-        if resize:
-            image = tf.image.resize(
-                tf.cast(image, tf.float32), [image_size, image_size], "bilinear"
+    def image_work(jpeg):
+        if stage == "crop_only":
+            image = preprocessing.crop(jpeg, _minimal_window(jpeg, seed), True, 3)
+            return preprocessing.random_flip_left_right(image, seed)
+        if stage == "crop_resize":
+            return preprocessing.preprocess_image(
+                jpeg, is_encoded=True, image_size=image_size, training=True, seed=seed
             )
-        return image
+        if stage == "decode_crop_resize":
+            image = preprocessing.crop(jpeg, _minimal_window(jpeg, seed), True, 3)
+            return preprocessing.resize(image, image_size)
+        if stage == "center_crop_resize":
+            return preprocessing.preprocess_image(
+                jpeg, is_encoded=True, image_size=image_size, training=False
+            )
+        image = reference_random_crop(jpeg, image_size)
+        return tf.image.random_flip_left_right(image)
 
     images = _encoded_images(data_dir).map(
-        crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+        image_work, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
     )
     return _batched(images, batch_size)
 
@@ -317,14 +343,19 @@ def service_dataset(data_dir: str, num_workers: int, variant: str) -> tf.data.Da
 
 
 def _our_pipeline(data_dir: str, variant: str) -> tf.data.Dataset:
-    augmentation = {"train_minimal": "minimal", "train_extended": "extended"}
+    augmentation = {
+        "train_minimal": "minimal",
+        "minimal_uint8": "minimal",
+        "train_extended": "extended",
+    }
     input_fn = data.make_input_fn(
         source="imagenet",
-        split="validation" if variant == "eval" else "train",
+        split="validation" if variant.startswith("eval") else "train",
         data_dir=data_dir,
         global_batch_size=FLAGS.batch_size,
         image_size=FLAGS.image_size,
         augmentation=augmentation.get(variant, "none"),
+        dtype="uint8" if variant.endswith("uint8") else "float32",
         seed=0,
         shuffle_buffer_size=1000,
     )
@@ -460,12 +491,9 @@ def main(argv):
                 )
             elif variant in SERVICE:
                 dataset = service_dataset(data_dir, *SERVICE[variant])
-            elif variant in ("crop_only", "crop_resize"):
+            elif variant in STAGES:
                 dataset = stage_dataset(
-                    data_dir,
-                    FLAGS.batch_size,
-                    FLAGS.image_size,
-                    resize=variant == "crop_resize",
+                    data_dir, FLAGS.batch_size, FLAGS.image_size, variant
                 )
             else:
                 dataset = pipeline_dataset(data_dir, variant)

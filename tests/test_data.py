@@ -786,3 +786,80 @@ def test_uint8_images_normalized_in_the_step_match_the_float_pipeline(
     )
     # Rounding to the nearest pixel value moves each value by at most 0.5 / std.
     np.testing.assert_allclose(normalized, floats, atol=0.5 / STD.min() + 1e-4)
+
+
+def test_random_flip_draws_as_tf_stateless_flip():
+    """The pipeline's flip mirrors exactly when TF's stateless flip does."""
+    image = tf.constant(np.arange(2 * 5 * 3, dtype=np.uint8).reshape(2, 5, 3))
+
+    def both(seed):
+        return (
+            preprocessing.random_flip_left_right(image, seed),
+            tf.image.stateless_random_flip_left_right(image, seed),
+        )
+
+    ours, tfs = _map_seeds(both, 64)
+    np.testing.assert_array_equal(ours, tfs)
+    mirrored = np.all(ours == image.numpy()[:, ::-1], axis=(1, 2, 3))
+    unchanged = np.all(ours == image.numpy(), axis=(1, 2, 3))
+    assert np.all(mirrored ^ unchanged)
+    assert 10 < mirrored.sum() < 54  # Both outcomes, about half each.
+
+
+def _bilinear(window: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize by half-pixel centers of an [H, W, C] window, float64."""
+
+    def axis_taps(length):
+        centers = (np.arange(size) + 0.5) * length / size - 0.5
+        low = np.clip(np.floor(centers).astype(int), 0, length - 1)
+        high = np.clip(low + 1, 0, length - 1)
+        frac = np.clip(centers - np.floor(centers), 0, 1)
+        return low, high, frac
+
+    window = window.astype(np.float64)
+    low, high, frac = axis_taps(window.shape[0])
+    rows = window[low] * (1 - frac)[:, None, None] + window[high] * frac[:, None, None]
+    low, high, frac = axis_taps(window.shape[1])
+    return (
+        rows[:, low] * (1 - frac)[None, :, None] + rows[:, high] * frac[None, :, None]
+    )
+
+
+def test_minimal_training_image_matches_numpy_reference():
+    """A "minimal" training image is the bilinear resize of a window of 0.875 of
+    each side at some position of the decoded JPEG, mirrored or not."""
+    rng = np.random.default_rng(5)
+    picture = _image(rng)
+    jpeg = tf.io.encode_jpeg(picture, quality=100, chroma_downsampling=False)
+    decoded = tf.io.decode_jpeg(jpeg).numpy()
+    crop_h, crop_w = int(0.875 * HEIGHT), int(0.875 * WIDTH)  # 35, 49
+    candidates = {
+        (top, left, mirrored): _bilinear(
+            decoded[top : top + crop_h, left : left + crop_w][
+                :, :: -1 if mirrored else 1
+            ],
+            16,
+        )
+        for top in range(HEIGHT - crop_h + 1)
+        for left in range(WIDTH - crop_w + 1)
+        for mirrored in (False, True)
+    }
+    outputs = _map_seeds(
+        lambda seed: preprocessing.preprocess_image(
+            jpeg,
+            is_encoded=True,
+            image_size=16,
+            training=True,
+            augmentation="minimal",
+            seed=seed,
+        ),
+        40,
+    )
+    found = []
+    for output in outputs:
+        errors = {key: np.abs(output - ref).max() for key, ref in candidates.items()}
+        best = min(errors, key=errors.get)
+        assert errors[best] < 1e-3, (best, errors[best])
+        found.append(best)
+    assert {mirrored for _, _, mirrored in found} == {False, True}
+    assert len({(top, left) for top, left, _ in found}) > 10

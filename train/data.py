@@ -745,14 +745,20 @@ class InputFn:
             "image/encoded": tf.io.FixedLenFeature([], tf.string, ""),
             "image/class/label": tf.io.FixedLenFeature([], tf.int64, -1),
         }
-        for side in ("ymin", "xmin", "ymax", "xmax"):
-            features[f"image/object/bbox/{side}"] = tf.io.VarLenFeature(tf.float32)
+        sides = ("ymin", "xmin", "ymax", "xmax")
+        # Only the "extended" training crop reads the boxes.
+        uses_boxes = self.settings.training and self.settings.augmentation == "extended"
+        if uses_boxes:
+            for side in sides:
+                features[f"image/object/bbox/{side}"] = tf.io.VarLenFeature(tf.float32)
         parsed = tf.io.parse_single_example(payload["record"], features)
-        box_sides = [
-            tf.sparse.to_dense(parsed[f"image/object/bbox/{side}"])
-            for side in ("ymin", "xmin", "ymax", "xmax")
-        ]
-        boxes = tf.expand_dims(tf.stack(box_sides, axis=-1), 0)
+        boxes = tf.zeros([1, 0, 4])
+        if uses_boxes:
+            box_sides = [
+                tf.sparse.to_dense(parsed[f"image/object/bbox/{side}"])
+                for side in sides
+            ]
+            boxes = tf.expand_dims(tf.stack(box_sides, axis=-1), 0)
         return parsed["image/encoded"], parsed["image/class/label"], boxes
 
     # -- Batches --------------------------------------------------------------
