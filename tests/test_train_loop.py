@@ -34,6 +34,11 @@ def _keep_sigterm():
     signal.signal(signal.SIGTERM, previous)
 
 
+def _config(tmp_path, **settings) -> config.Config:
+    """The config of a TINY run with `settings`, writing to `tmp_path`."""
+    return config.make_config(**{**TINY, **settings}, model_dir=str(tmp_path))
+
+
 class _Recorder(keras.callbacks.Callback):
     """Records the calls, and after each loop the model's and optimizer's state."""
 
@@ -61,12 +66,12 @@ class _Recorder(keras.callbacks.Callback):
 def test_loop_drives_keras_callbacks_checkpoints_and_exports_the_model(tmp_path):
     """With the XLA-compiled step."""
     # Batch 500: evaluating the 50,000 synthetic images takes 100 batches.
-    c = config.make_config(
-        **{**TINY, "global_batch_size": 500},
+    c = _config(
+        tmp_path,
+        global_batch_size=500,
         train_steps=10,
         steps_per_loop=5,
         jit_compile=True,
-        model_dir=str(tmp_path),
     )
     recorder = _Recorder()
     summary = trainer.run(c, callbacks=[recorder])
@@ -136,9 +141,7 @@ def _poison_steps(monkeypatch, steps: set[int]) -> None:
 
 
 def test_trust_ratio_probe_is_normalized_as_in_the_training_step(tmp_path):
-    c = config.make_config(
-        **TINY, train_steps=2, trust_ratio_every_steps=1, model_dir=str(tmp_path)
-    )
+    c = _config(tmp_path, train_steps=2, trust_ratio_every_steps=1)
     input_fn = trainer.data.make_input_fn(
         source=c.data_source(), split="train", global_batch_size=4, dtype="uint8"
     )
@@ -160,13 +163,8 @@ def _same(state_a, state_b) -> bool:
 
 def test_a_nonfinite_step_changes_nothing_and_the_run_goes_on(tmp_path, monkeypatch):
     _poison_steps(monkeypatch, {3})
-    c = config.make_config(
-        **TINY,
-        train_steps=6,
-        steps_per_loop=1,
-        log_every_steps=1,
-        skip_eval=True,
-        model_dir=str(tmp_path),
+    c = _config(
+        tmp_path, train_steps=6, steps_per_loop=1, log_every_steps=1, skip_eval=True
     )
     recorder = _Recorder()
     summary = trainer.run(c, callbacks=[recorder])
@@ -186,14 +184,13 @@ def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_checkpoint(
     # Loops: step 1, then 2-3, 4-6 (checkpoints every 3); steps 4 and 5 are
     # NaN, so the loop stops after step 5.
     _poison_steps(monkeypatch, {4, 5})
-    c = config.make_config(
-        **TINY,
+    c = _config(
+        tmp_path,
         train_steps=8,
         steps_per_loop=8,
         checkpoint_every_steps=3,
         max_nonfinite_steps=2,
         skip_eval=True,
-        model_dir=str(tmp_path),
     )
     recorder = _Recorder()
     with pytest.raises(RunError) as error:
