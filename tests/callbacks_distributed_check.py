@@ -10,18 +10,12 @@ norms computed on a single-device copy of the weights. Prints one JSON line.
 
 import json
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-)
-
-import keras  # noqa: E402
-
-import lars_tf  # noqa: E402
-from lars_tf import LearningRateWarmup, TrustRatioMonitor  # noqa: E402
+import lars_tf
+from lars_tf import LearningRateWarmup, TrustRatioMonitor
 
 GLOBAL_BATCH = 8
 rng = np.random.default_rng(0)
@@ -30,11 +24,13 @@ y = rng.integers(0, 3, size=(32,)).astype(np.int32)
 probe = (x[:GLOBAL_BATCH], y[:GLOBAL_BATCH])
 
 
-def make_model():
-    keras.utils.set_random_seed(0)
+def conv_bn_model(optimizer) -> keras.Model:
+    """A conv + batch norm + dense classifier of 6x6x2 images, compiled, seeded."""
+    keras.utils.set_random_seed(1)
     model = keras.Sequential(
         [
             keras.Input((6, 6, 2)),
+            # No bias before batch norm: its gradient would be roundoff noise.
             keras.layers.Conv2D(4, 3, use_bias=False, name="conv1"),
             keras.layers.BatchNormalization(name="bn1"),
             keras.layers.ReLU(),
@@ -42,17 +38,23 @@ def make_model():
             keras.layers.Dense(3, name="fc"),
         ]
     )
-    schedule = lars_tf.WarmupPolynomialDecay(2.0, decay_steps=8, warmup_steps=2)
     model.compile(
-        optimizer=lars_tf.LARS(schedule, trust_coefficient=0.01, weight_decay=1e-3),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     return model
 
 
+def make_model():
+    schedule = lars_tf.WarmupPolynomialDecay(2.0, decay_steps=8, warmup_steps=2)
+    return conv_bn_model(
+        lars_tf.LARS(schedule, trust_coefficient=0.01, weight_decay=1e-3)
+    )
+
+
 def reference_norms(weights):
     """Norms on a single-device model holding `weights`, via GradientTape."""
-    model = reference_model
+    model = make_model()  # Called outside any strategy scope.
     model.set_weights(weights)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     with tf.GradientTape() as tape:
@@ -140,11 +142,19 @@ def run_custom_loop(strategy):
     return compare(monitor, first, model.get_weights())
 
 
-reference_model = make_model()  # Outside any strategy scope.
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-report = {
-    "replicas": strategy.num_replicas_in_sync,
-    "fit": run_fit(strategy),
-    "custom_loop": run_custom_loop(strategy),
-}
-print(json.dumps(report))
+def main():
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    report = {
+        "replicas": strategy.num_replicas_in_sync,
+        "fit": run_fit(strategy),
+        "custom_loop": run_custom_loop(strategy),
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

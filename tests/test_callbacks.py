@@ -16,6 +16,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+# The model the MirroredStrategy check trains, one copy (tests/ is on the
+# path under pytest).
+from callbacks_distributed_check import conv_bn_model
+
 import lars_tf
 from lars_tf import (
     LearningRateWarmup,
@@ -124,26 +128,6 @@ def test_warmup_bad_arguments(kwargs, argument):
         LearningRateWarmup(**kwargs)
 
 
-def _conv_bn_model(optimizer):
-    keras.utils.set_random_seed(1)
-    model = keras.Sequential(
-        [
-            keras.Input((6, 6, 2)),
-            # No bias before batch norm: its gradient would be roundoff noise.
-            keras.layers.Conv2D(4, 3, use_bias=False, name="conv1"),
-            keras.layers.BatchNormalization(name="bn1"),
-            keras.layers.ReLU(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(3, name="fc"),
-        ]
-    )
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    return model
-
-
 def _probe_batch():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 6, 6, 2)).astype(np.float32)
@@ -174,7 +158,7 @@ def test_monitor_matches_independent_norms_and_lars_rates(clip):
         clip=clip,
         exclude_from_adaptation=lars_tf.exclude_bias_and_norm,
     )
-    model = _conv_bn_model(optimizer)
+    model = conv_bn_model(optimizer)
     x, y = _probe_batch()
     monitor = TrustRatioMonitor((x, y))
     monitor.set_model(model)
@@ -205,7 +189,7 @@ def test_monitor_matches_independent_norms_and_lars_rates(clip):
 
 
 def test_monitor_averages_a_loss_given_by_name():
-    model = _conv_bn_model(lars_tf.LARS(1.0))
+    model = conv_bn_model(lars_tf.LARS(1.0))
     model.compile(optimizer=model.optimizer, loss="mean_squared_error")
     x, labels = _probe_batch()
     y = np.eye(3, dtype=np.float32)[labels]
@@ -219,7 +203,7 @@ def test_monitor_averages_a_loss_given_by_name():
 
 
 def test_monitor_during_fit_records_every_n_steps():
-    model = _conv_bn_model(lars_tf.LARS(1.0, trust_coefficient=0.01))
+    model = conv_bn_model(lars_tf.LARS(1.0, trust_coefficient=0.01))
     x, y = _probe_batch()
     monitor = TrustRatioMonitor((x, y), every_n_steps=3, measure_at_start=True)
     model.fit(np.tile(x, (4, 1, 1, 1)), np.tile(y, 4), batch_size=4, epochs=1,
@@ -241,7 +225,7 @@ def test_monitor_during_fit_records_every_n_steps():
 
 def test_monitor_and_warmup_in_a_custom_loop():
     """Driven through CallbackList as train/ drives them, with apply_gradients."""
-    model = _conv_bn_model(lars_tf.LARS(0.8, trust_coefficient=0.01))
+    model = conv_bn_model(lars_tf.LARS(0.8, trust_coefficient=0.01))
     x, y = _probe_batch()
     monitor = TrustRatioMonitor((x, y), every_n_steps=2)
     warmup = LearningRateWarmup(warmup_steps=3)
@@ -283,7 +267,7 @@ def test_monitor_bad_arguments():
     reason="tensorboard is not installed; tf.summary cannot write",
 )
 def test_monitor_writes_tensorboard_summaries(tmp_path):
-    model = _conv_bn_model(lars_tf.LARS(1.0))
+    model = conv_bn_model(lars_tf.LARS(1.0))
     monitor = TrustRatioMonitor(_probe_batch(), log_dir=str(tmp_path))
     monitor.set_model(model)
     monitor.on_train_begin()
