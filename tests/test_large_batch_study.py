@@ -13,6 +13,22 @@ from experiments import large_batch_study as study
 MNIST_DIR = os.path.join(train.shared_data_dir(), "mnist")
 
 
+def _run_config(**fields) -> study.RunConfig:
+    """A RunConfig of small_alexnet_bn on MNIST, base batch 128, with `fields`."""
+    defaults = dict(
+        part="mnist",
+        model="small_alexnet_bn",
+        optimizer="sgd",
+        batch_size=128,
+        base_lr=0.0,
+        base_batch_size=128,
+        epochs=2,
+        warmup_epochs=1.0,
+        seed=0,
+    )
+    return study.RunConfig(**{**defaults, **fields})
+
+
 def _summary(
     optimizer,
     batch,
@@ -24,15 +40,11 @@ def _summary(
     model="small_alexnet_bn",
 ):
     """A run summary as train_one writes it, with made-up accuracies."""
-    config = study.RunConfig(
-        part="mnist",
+    config = _run_config(
         model=model,
         optimizer=optimizer,
         batch_size=batch,
         base_lr=base_lr,
-        base_batch_size=128,
-        epochs=2,
-        warmup_epochs=1.0,
         seed=seed,
         model_params=10,
     )
@@ -54,16 +66,12 @@ def _summary(
     reason=f"MNIST IDX files not found in {MNIST_DIR} (set LARS_TF_DATA_DIR)",
 )
 def test_tiny_run_writes_its_summary_and_a_rerun_skips_it(tmp_path, monkeypatch):
-    config = study.RunConfig(
-        part="mnist",
-        model="small_alexnet_bn",
+    config = _run_config(
         optimizer="lars",
         batch_size=64,
         base_lr=1.0,
-        base_batch_size=128,
         epochs=2,
         warmup_epochs=0.5,
-        seed=0,
         train_examples=128,
         eval_examples=100,
         precise_bn=True,
@@ -92,43 +100,16 @@ def test_tiny_run_writes_its_summary_and_a_rerun_skips_it(tmp_path, monkeypatch)
     assert [s["run_id"] for s in study.load_summaries(str(tmp_path))] == [config.run_id]
 
 
-@pytest.fixture
-def tfds_mnist_metadata_dir(tmp_path):
-    """TFDS metadata of a prepared 'mnist' (12 train, 8 test examples), no data;
-    as in tests/test_data.py."""
-    tfds = pytest.importorskip("tensorflow_datasets")
-    builder = tfds.builder("mnist", data_dir=str(tmp_path))
-    builder.info.set_splits(
-        tfds.core.SplitDict(
-            [
-                tfds.core.SplitInfo(name="train", shard_lengths=[6, 6], num_bytes=0),
-                tfds.core.SplitInfo(name="test", shard_lengths=[8], num_bytes=0),
-            ]
-        )
-    )
-    os.makedirs(builder.data_dir)
-    builder.info.write_to_directory(builder.data_dir)
-    return str(tmp_path)
-
-
-def test_tfds_part_trains_on_mock_mnist(tfds_mnist_metadata_dir, tmp_path):
+def test_tfds_part_trains_on_mock_mnist(tfds_metadata_dir, tmp_path):
     import tensorflow_datasets as tfds
 
-    config = study.RunConfig(
-        part="tfds_mnist",
-        model="small_alexnet_bn",
-        optimizer="sgd",
-        batch_size=4,
-        base_lr=0.05,
-        base_batch_size=128,
-        epochs=1,
-        warmup_epochs=0.5,
-        seed=0,
+    config = _run_config(
+        part="tfds_mnist", batch_size=4, base_lr=0.05, epochs=1, warmup_epochs=0.5
     )
     with tfds.testing.mock_data(
-        policy=tfds.testing.MockPolicy.USE_FILES, data_dir=tfds_mnist_metadata_dir
+        policy=tfds.testing.MockPolicy.USE_FILES, data_dir=tfds_metadata_dir
     ):
-        assert study.run_if_missing(config, str(tmp_path), tfds_mnist_metadata_dir)
+        assert study.run_if_missing(config, str(tmp_path), tfds_metadata_dir)
     summary = study.load_summaries(str(tmp_path))[0]
     assert summary["run_id"].startswith("tfds_mnist_small_alexnet_bn_sgd_b4_")
     assert summary["steps_per_epoch"] == 3  # 12 mock examples // batch 4
@@ -286,16 +267,9 @@ def test_validation_split_is_fixed_disjoint_and_covers_the_training_set():
 
 
 def _fair_template():
-    return study.RunConfig(
-        part="mnist",
-        model="small_alexnet_bn",
-        optimizer="sgd",
-        batch_size=128,
-        base_lr=0.0,
-        base_batch_size=128,
+    return _run_config(
         epochs=3,
         warmup_epochs=0.0,
-        seed=0,
         model_params=10,
         precise_bn=True,
         validation=True,
