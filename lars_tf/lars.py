@@ -314,13 +314,15 @@ class LARS(keras.optimizers.Optimizer):
     ):
         """The JAX and PyTorch path, the same formula as the TensorFlow kernels."""
         weights = variable.value
-        rate = self.local_learning_rate(
-            ops.sqrt(ops.sum(ops.square(weights))),
-            ops.sqrt(ops.sum(ops.square(gradient))),
-            learning_rate,
-            weight_decay=weight_decay,
-            adapted=adapted,
-        )
+        rate = learning_rate
+        if adapted:  # Norms only where used: PyTorch runs eagerly.
+            rate = self.local_learning_rate(
+                ops.sqrt(ops.sum(ops.square(weights))),
+                ops.sqrt(ops.sum(ops.square(gradient))),
+                learning_rate,
+                weight_decay=weight_decay,
+                adapted=True,
+            )
         if weight_decay:
             gradient = gradient + weight_decay * weights
         step = rate * gradient
