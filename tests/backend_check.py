@@ -7,6 +7,7 @@ measured differences; the test decides what is close enough. With
 is not installed.
 """
 
+import argparse
 import json
 import math
 import os
@@ -253,6 +254,138 @@ def check_fit_and_save_load():
     }
 
 
+# A linear layer with a mean-squared-error loss, whose gradient is known by
+# hand, trained by LARS on a schedule that reads the optimizer's step count.
+LINEAR_SCHEDULE = dict(peak_learning_rate=0.5, decay_steps=20, warmup_steps=4)
+
+
+def linear_model(steps_per_execution=1):
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc")])
+    model.compile(
+        lars_tf.LARS(
+            lars_tf.WarmupPolynomialDecay(**LINEAR_SCHEDULE),
+            momentum=0.9, weight_decay=1e-2, trust_coefficient=0.02, nesterov=True,
+            exclude_from_adaptation=lars_tf.exclude_bias_and_norm,
+        ),
+        "mean_squared_error",
+        steps_per_execution=steps_per_execution,
+    )  # fmt: skip
+    model.layers[0].bias.assign(np.linspace(-1, 1, 3).astype(np.float32))
+    return model
+
+
+def linear_batches(num_steps):
+    rng = np.random.default_rng(7)
+    return [
+        (rng.normal(size=(8, 4)).astype(np.float32),
+         rng.normal(size=(8, 3)).astype(np.float32))
+        for _ in range(num_steps)
+    ]  # fmt: skip
+
+
+def check_steps_per_execution():
+    """`model.fit` with `steps_per_execution=2` against 1, for 8 steps.
+
+    The schedule must see each step's count, not each execution's. Returns
+    None where the backend has no `steps_per_execution` (PyTorch).
+    """
+    if keras.backend.backend() == "torch":
+        return None
+    x, y = (np.concatenate(arrays) for arrays in zip(*linear_batches(8)))
+    weights = []
+    for steps_per_execution in (1, 2):
+        model = linear_model(steps_per_execution)
+        initial = [keras.ops.convert_to_numpy(w) for w in model.weights]
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+        weights.append([keras.ops.convert_to_numpy(w) for w in model.weights])
+    return {
+        "iterations": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+        "two_vs_one": relative_error(weights[1], weights[0]),
+        "moved": relative_error(weights[0], initial),
+    }
+
+
+def save_for_other_backends(directory):
+    """Two steps of `linear_model`, saved as `.keras` with what it holds.
+
+    `state.npz` keeps the weights, slots and step count (in the order the
+    `.keras` file keeps them; variable paths differ between backends) and the
+    next batch, apart from the `.keras` format, for `check_load_saved`.
+    """
+    model = linear_model()
+    batches = linear_batches(3)
+    for x, y in batches[:2]:
+        model.train_on_batch(x, y)
+    model.save(os.path.join(directory, "model.keras"))
+    numpy = keras.ops.convert_to_numpy
+    state = {f"weight_{i}": numpy(w) for i, w in enumerate(model.weights)}
+    state.update(
+        {f"slot_{i}": numpy(m) for i, m in enumerate(model.optimizer.momentums)}
+    )
+    state["iterations"] = numpy(model.optimizer.iterations)
+    x, y = batches[2]
+    np.savez(os.path.join(directory, "state.npz"), x=x, y=y, **state)
+    slots = [state[f"slot_{i}"] for i in range(len(model.optimizer.momentums))]
+    return {"smallest_slot_max": min(float(np.abs(m).max()) for m in slots)}
+
+
+def check_load_saved(directory):
+    """Loads `save_for_other_backends`'s model and takes one more step.
+
+    The loaded weights, slots and step count must equal the saved ones, and the
+    step must match Algorithm 1 in float64 from the saved state, with the
+    gradient of the mean squared error by hand and the schedule's rate at the
+    saved step.
+    """
+    # Loading needs the classes the file names defined (lars_tf/__init__.py).
+    from lars_tf import LARS, WarmupPolynomialDecay  # noqa: F401
+
+    saved = dict(np.load(os.path.join(directory, "state.npz")))
+    model = keras.saving.load_model(os.path.join(directory, "model.keras"))
+    optimizer = model.optimizer
+    weights = [saved[f"weight_{i}"] for i in range(len(model.weights))]
+    slots = [saved[f"slot_{i}"] for i in range(len(optimizer.momentums))]
+    iterations = saved["iterations"]
+    report = {
+        "class": type(optimizer).__name__,
+        "variables": [len(model.weights), len(optimizer.momentums), len(saved)],
+        "weights_max_diff": relative_error(model.weights, weights),
+        "slots_max_diff": relative_error(optimizer.momentums, slots),
+        "iterations": [
+            int(iterations),
+            int(keras.ops.convert_to_numpy(optimizer.iterations)),
+        ],
+    }
+    x, y = saved["x"].astype(np.float64), saved["y"].astype(np.float64)
+    kernel, bias = (w.astype(np.float64) for w in weights)
+    residual = x @ kernel + bias - y
+    gradients = [
+        2 * x.T @ residual / residual.size,
+        2 * residual.sum(0) / residual.size,
+    ]
+    peak, warmup = (
+        LINEAR_SCHEDULE["peak_learning_rate"],
+        LINEAR_SCHEDULE["warmup_steps"],
+    )
+    learning_rate = peak * int(iterations) / warmup  # still warming up
+    want_weights, want_slots = [], []
+    for weight, slot, gradient, adapted in zip(
+        (kernel, bias), slots, gradients, (True, False)
+    ):
+        w, v = reference_step(
+            weight, -slot.astype(np.float64), gradient, learning_rate,
+            momentum=0.9, weight_decay=1e-2, eta=0.02, epsilon=0.0, nesterov=True,
+            clip=False, adapted=adapted,
+        )  # fmt: skip
+        want_weights.append(w)
+        want_slots.append(-v)
+    model.train_on_batch(saved["x"], saved["y"])
+    report["step_vs_reference"] = relative_error(model.weights, want_weights)
+    report["slots_vs_reference"] = relative_error(optimizer.momentums, want_slots)
+    return report
+
+
 def check_config_round_trip():
     optimizer = lars_tf.LARS(
         learning_rate=lars_tf.WarmupPolynomialDecay(2.0, 100, warmup_steps=10),
@@ -376,6 +509,11 @@ def check_monitor():
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--without-tensorflow", action="store_true")
+    parser.add_argument("--save-to", help="folder for save_for_other_backends")
+    parser.add_argument("--load-from", help="a --save-to folder to check_load_saved")
+    args = parser.parse_args()
     backend = keras.backend.backend()
     policies = ["mixed_bfloat16"] + (["mixed_float16"] if backend != "torch" else [])
     report = {
@@ -388,7 +526,12 @@ def main():
         "mixed_precision": {p: check_mixed_precision(p) for p in policies},
         "warmup": check_schedule_and_warmup(),
         "monitor": check_monitor(),
+        "steps_per_execution": check_steps_per_execution(),
     }
+    if args.save_to:
+        report["saved"] = save_for_other_backends(args.save_to)
+    if args.load_from:
+        report["loaded"] = check_load_saved(args.load_from)
     report["tensorflow_imported"] = sys.modules.get("tensorflow") is not None
     print(json.dumps(report, default=lambda v: None if math.isnan(v) else v))
 

@@ -3,8 +3,10 @@
 Keras picks its backend when it is imported, so each backend runs
 tests/backend_check.py in its own process with KERAS_BACKEND set; the check
 compares LARS with a float64 NumPy version of the paper's Algorithm 1 and
-prints what it measured. JAX is part of the `test` extra; PyTorch is checked
-where it is installed (its CPU wheel is large, see docs/optimizer.md).
+prints what it measured. TensorFlow's check also saves a `.keras` model that
+the JAX and PyTorch checks load and train one step further. JAX is part of
+the `test` extra; PyTorch is checked where it is installed (its CPU wheel is
+large, see docs/optimizer.md).
 """
 
 import importlib.util
@@ -39,10 +41,11 @@ BACKENDS = [
 ]
 
 
-def run_check(backend):
+def run_check(backend, *arguments):
     """The check's report; JAX and PyTorch run as if TensorFlow were absent."""
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-    arguments = [] if backend == "tensorflow" else ["--without-tensorflow"]
+    if backend != "tensorflow":
+        arguments = ("--without-tensorflow", *arguments)
     result = subprocess.run(
         [sys.executable, CHECK, *arguments],
         capture_output=True,
@@ -54,9 +57,31 @@ def run_check(backend):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """`report(backend)`: the check's report, one process per backend.
+
+    TensorFlow's check runs first and saves a `.keras` model that the other
+    backends' checks load.
+    """
+    saved = str(tmp_path_factory.mktemp("saved_on_tensorflow"))
+    done = {}
+
+    def report(backend):
+        if backend not in done:
+            if backend == "tensorflow":
+                done[backend] = run_check(backend, "--save-to", saved)
+            else:
+                report("tensorflow")
+                done[backend] = run_check(backend, "--load-from", saved)
+        return done[backend]
+
+    return report
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backend(backend):
-    report = run_check(backend)
+def test_backend(backend, reports):
+    report = reports(backend)
     assert report["backend"] == backend
     # The optimizer, schedules and callbacks need no TensorFlow on JAX/PyTorch.
     assert report["tensorflow_imported"] == (backend == "tensorflow")
@@ -86,3 +111,26 @@ def test_backend(backend):
     assert monitor["names"] == ["fc.w", "fc.b"], monitor
     for key in ("weight_norms", "gradient_norms", "rates"):
         assert monitor[key] < 1e-5, monitor
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_steps_per_execution(backend, reports):
+    """`model.fit` with steps_per_execution=2 gives the weights of 1 step per call."""
+    run = reports(backend)["steps_per_execution"]
+    assert run["iterations"] == 8, run
+    assert run["moved"] > 1e-3, run
+    assert run["two_vs_one"] < 1e-6, run
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_keras_file_from_tensorflow(backend, reports):
+    """A model saved on TensorFlow after 2 steps loads and steps on `backend`."""
+    assert reports("tensorflow")["saved"]["smallest_slot_max"] > 0
+    loaded = reports(backend)["loaded"]
+    assert loaded["class"] == "LARS", loaded
+    assert loaded["variables"] == [2, 2, 2 + 2 + 1 + 2], loaded  # + step, x, y
+    assert loaded["weights_max_diff"] == 0.0, loaded
+    assert loaded["slots_max_diff"] == 0.0, loaded
+    assert loaded["iterations"] == [2, 2], loaded
+    assert loaded["step_vs_reference"] < 1e-6, loaded
+    assert loaded["slots_vs_reference"] < 1e-6, loaded
