@@ -316,6 +316,9 @@ class LARS(keras.optimizers.Optimizer):
         weights = variable.value
         rate = learning_rate
         if adapted:  # Norms only where used: PyTorch runs eagerly.
+            # Sums of squares: JAX's XLA:CPU reduces them in one pass, and the
+            # Gram traces of the TensorFlow XLA path are slower there and less
+            # accurate on PyTorch (BENCHMARKS.md, "JAX backend").
             rate = self.local_learning_rate(
                 ops.sqrt(ops.sum(ops.square(weights))),
                 ops.sqrt(ops.sum(ops.square(gradient))),
