@@ -220,6 +220,15 @@ def measure_size(
             wall_rate, cpu_rate = measure[name]()
             rates[name][0].append(wall_rate)
             rates[name][1].append(cpu_rate)
+            # Cores busy = wall rate x CPU per image: below the machine's
+            # cores when another process took some.
+            print(
+                f"  {image_size} px round {round_index + 1} {name}: "
+                f"{wall_rate:.1f} img/s, {1e3 / cpu_rate:.2f} CPU ms/img, "
+                f"{wall_rate / cpu_rate:.2f} cores busy, load average "
+                f"{os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
     return rates
 
 
