@@ -291,9 +291,9 @@ def stage_dataset(
     """One stage's image function (module docstring) on every image, batched.
     Nothing else the pipelines do (per-example seeds, shuffling, label checks,
     corrupt-record counting, normalization) runs here."""
-    seed = tf.constant([0, 1])
 
-    def image_work(jpeg):
+    def image_work(index, jpeg):
+        seed = tf.stack([index, 0])  # Random windows and flips, as in training.
         if stage == "crop_only":
             image = preprocessing.crop(jpeg, _minimal_window(jpeg, seed), True, 3)
             return preprocessing.random_flip_left_right(image, seed)
@@ -311,8 +311,10 @@ def stage_dataset(
         image = reference_random_crop(jpeg, image_size)
         return tf.image.random_flip_left_right(image)
 
-    images = _encoded_images(data_dir).map(
-        image_work, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+    images = (
+        _encoded_images(data_dir)
+        .enumerate()
+        .map(image_work, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     )
     return _batched(images, batch_size)
 

@@ -8,8 +8,9 @@ Reads ``--records`` serialized records of the train shards that
 folders work too) into memory, then times, in rounds, a parallel map of each
 variant's per-image function over them, batched as the pipelines batch
 (``max_intra_op_parallelism`` 1), in images per CPU-second of this process.
-Every variant starts from the serialized record, so the differences between
-rows are the cost of the steps that differ:
+Every variant starts from the serialized record and a per-image seed (so
+windows and flips vary as in training), so the differences between rows are
+the cost of the steps that differ:
 
 - ``parse`` / ``parse_boxes``: the record parsed without / with the four
   bounding-box features (densified), as `train.data` did for every augmentation;
@@ -67,36 +68,42 @@ def _parse(record, boxes=False):
     return parsed["image/encoded"], tf.expand_dims(tf.stack(sides, axis=-1), 0)
 
 
-def _decode(record):
+def _decode(record, seed):
     jpeg, _ = _parse(record)
     window = preprocessing.minimal_crop_window(
-        preprocessing.image_shape(jpeg, is_encoded=True), SEED
+        preprocessing.image_shape(jpeg, is_encoded=True), seed
     )
     return preprocessing.crop(jpeg, window, is_encoded=True, channels=3)
 
 
-def _resized(record):
-    return preprocessing.resize(_decode(record), FLAGS.image_size)
+def _resized(record, seed):
+    return preprocessing.resize(_decode(record, seed), FLAGS.image_size)
 
 
 def _parsed_size(jpeg, boxes):
     return tf.strings.length(jpeg) + tf.size(boxes)
 
 
-SEED = tf.constant([0, 1], tf.int64)
+# Each function gets the serialized record and a per-image [2] seed.
 VARIANTS = {
-    "parse": lambda r: _parsed_size(*_parse(r)),
-    "parse_boxes": lambda r: _parsed_size(*_parse(r, boxes=True)),
+    "parse": lambda r, seed: _parsed_size(*_parse(r)),
+    "parse_boxes": lambda r, seed: _parsed_size(*_parse(r, boxes=True)),
     "decode": _decode,
-    "flip_tf": lambda r: tf.image.stateless_random_flip_left_right(_decode(r), SEED),
-    "flip": lambda r: preprocessing.random_flip_left_right(_decode(r), SEED),
-    "resize": _resized,
-    "resize_uint8_input": lambda r: tf.image.resize(
-        _decode(r), [FLAGS.image_size] * 2, "bilinear"
+    "flip_tf": lambda r, seed: tf.image.stateless_random_flip_left_right(
+        _decode(r, seed), seed
     ),
-    "round_saturate": lambda r: tf.saturate_cast(tf.round(_resized(r)), tf.uint8),
-    "round_cast": lambda r: tf.cast(tf.round(_resized(r)), tf.uint8),
-    "reference_image": lambda r: tf.image.random_flip_left_right(
+    "flip": lambda r, seed: preprocessing.random_flip_left_right(
+        _decode(r, seed), seed
+    ),
+    "resize": _resized,
+    "resize_uint8_input": lambda r, seed: tf.image.resize(
+        _decode(r, seed), [FLAGS.image_size] * 2, "bilinear"
+    ),
+    "round_saturate": lambda r, seed: tf.saturate_cast(
+        tf.round(_resized(r, seed)), tf.uint8
+    ),
+    "round_cast": lambda r, seed: tf.cast(tf.round(_resized(r, seed)), tf.uint8),
+    "reference_image": lambda r, seed: tf.image.random_flip_left_right(
         input_pipeline.reference_random_crop(_parse(r)[0], FLAGS.image_size)
     ),
 }
@@ -108,7 +115,12 @@ def images_per_cpu_second(records: tf.Tensor, function) -> float:
     dataset = (
         tf.data.Dataset.from_tensor_slices(records)
         .repeat()
-        .map(function, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+        .enumerate()
+        .map(
+            lambda index, record: function(record, tf.stack([index, 0])),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=False,
+        )
         .batch(FLAGS.batch_size)
         .prefetch(tf.data.AUTOTUNE)
         .with_options(options)

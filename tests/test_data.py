@@ -863,3 +863,22 @@ def test_minimal_training_image_matches_numpy_reference():
         found.append(best)
     assert {mirrored for _, _, mirrored in found} == {False, True}
     assert len({(top, left) for top, left, _ in found}) > 10
+
+
+def test_uint8_images_are_the_rounded_pixels_at_black_and_white(tmp_path):
+    """dtype="uint8" gives the resized pixels rounded, 0 and 255 included: the
+    pipeline casts without clipping, relying on the resize to stay in range."""
+    picture = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    picture[:, WIDTH // 2 :] = 255
+    picture[::3, WIDTH // 3 : 2 * WIDTH // 3] = 255  # Sharp stripes between.
+    jpeg = tf.io.encode_jpeg(picture, quality=100, chroma_downsampling=False).numpy()
+    _write(str(tmp_path / "validation-00000-of-00001"), [_example(jpeg, 1)] * 2)
+    pixels, _ = _collect(_input_fn(str(tmp_path), dtype="uint8", num_classes=1)())
+    decoded = tf.io.decode_jpeg(jpeg).numpy()
+    side = int(0.875 * min(HEIGHT, WIDTH))
+    top, left = (HEIGHT - side + 1) // 2, (WIDTH - side + 1) // 2
+    expected = np.round(_bilinear(decoded[top : top + side, left : left + side], 16))
+    assert pixels.dtype == np.uint8 and pixels.shape == (2, 16, 16, 3)
+    assert pixels.min() == 0 and pixels.max() == 255
+    # float32 and float64 may round a value at .5 apart: at most 1 level.
+    assert np.abs(pixels.astype(int) - expected).max() <= 1

@@ -643,7 +643,10 @@ class InputFn:
             crop_fraction=crop_fraction,
         )
         if settings.dtype == "uint8":  # Rounded once, at the end.
-            image = tf.saturate_cast(tf.round(image), tf.uint8)
+            # No clip needed: a bilinear resize of uint8 pixels stays within
+            # [0, 255] up to float error far below 0.5, and the colour
+            # distortion clips its result to that range itself.
+            image = tf.cast(tf.round(image), tf.uint8)
         return image, label
 
     def _checked(self, image, label, meta, records: _Records):
