@@ -49,7 +49,13 @@ train and 3,925 val real ImageNet JPEGs) into TFRecord shards once (reused from
   colour distortion (the ``extended`` work left if it ran on the accelerator);
 - ``minimal_uint8`` / ``eval_uint8``: the pipelines as the app runs them
   (``dtype="uint8"``: each image rounded to uint8 before batching, normalized
-  later on the accelerator).
+  later on the accelerator);
+- ``minimal_uint8_no_image`` / ``reference_train_no_image``: the plumbing
+  alone: ``minimal_uint8`` with `preprocessing.preprocess_image` replaced by a
+  black image of the output size (no decode, window, flip or resize), and
+  ``reference_train`` with its crop-decode-resize replaced so (its flip of
+  the float result stays); what each pipeline costs per image besides the
+  image work.
 
 Imagenette's JPEGs are downscaled to 224x224, so decoding them is cheap next to
 the resize every pipeline does. ``--jpeg_size=500x375`` (ImageNet's most common
@@ -116,6 +122,8 @@ VARIANTS = (
     "extended_no_color",
     "minimal_uint8",
     "eval_uint8",
+    "minimal_uint8_no_image",
+    "reference_train_no_image",
     "service_1_worker",
     "service_2_workers",
     "service_2_workers_uint8",
@@ -130,6 +138,7 @@ REFERENCE_OF = {
     "eval_no_normalize": "reference_eval",
     "minimal_uint8": "reference_train",
     "eval_uint8": "reference_eval",
+    "minimal_uint8_no_image": "reference_train_no_image",
     "crop_resize": "reference_train",
     "decode_crop_resize": "reference_train",
     "center_crop_resize": "reference_eval",
@@ -149,6 +158,19 @@ def _cast_only(images, mean, std, dtype):
 
 
 @tf.autograph.experimental.do_not_convert
+def _blank_image(image, *, image_size, channels, **unused):
+    """No image work: a black image of the output size."""
+    del image, unused
+    return tf.zeros([image_size, image_size, channels])
+
+
+@tf.autograph.experimental.do_not_convert
+def _blank_reference_image(jpeg, image_size):
+    del jpeg
+    return tf.zeros([image_size, image_size, 3])
+
+
+@tf.autograph.experimental.do_not_convert
 def _no_color(image, seed):
     del seed
     return image
@@ -160,6 +182,7 @@ ABLATIONS = {
     "minimal_no_normalize": ("train_minimal", "normalize", _cast_only),
     "eval_no_normalize": ("eval", "normalize", _cast_only),
     "extended_no_color": ("train_extended", "distort_color", _no_color),
+    "minimal_uint8_no_image": ("minimal_uint8", "preprocess_image", _blank_image),
 }
 # tf.data service variants: (workers, the pipeline they run).
 SERVICE = {
@@ -484,6 +507,13 @@ def main(argv):
         for variant in FLAGS.variants:
             if variant == "raw_decode":
                 dataset = raw_decode_dataset(data_dir, FLAGS.batch_size)
+            elif variant == "reference_train_no_image":
+                with mock.patch(
+                    f"{__name__}.reference_random_crop", _blank_reference_image
+                ):
+                    dataset = reference_dataset(
+                        data_dir, True, FLAGS.batch_size, FLAGS.image_size
+                    )
             elif variant.startswith("reference_"):
                 dataset = reference_dataset(
                     data_dir,
