@@ -7,7 +7,8 @@ the training app checks its flags with it before TensorFlow starts.
 
 Loading a saved model that uses a class of this package needs that class
 defined first, as for any custom Keras object: `from lars_tf import LARS`
-(or `import lars_tf.lars`) before `keras.saving.load_model`.
+(or `import lars_tf.lars`, which also defines the schedules) before
+`keras.saving.load_model`.
 """
 
 import importlib

@@ -5,11 +5,12 @@ possible: `l2_loss` takes a norm in one pass (where `tf.norm` squares into a
 temporary and then sums it), and the momentum and weight update is one
 `ResourceApplyKerasMomentum` kernel. While XLA compiles the step (inside
 `tf.function(jit_compile=True)`, as `model.compile(jit_compile=True)` or
-`LARS(jit_compile=True)` make it), a norm is the trace of a small matrix
-product instead: XLA on CPU writes the squares of a sum of squares to a
-temporary and reduces that in several passes, but reads a matrix product's
-operands in place (BENCHMARKS.md, "Optimizer step"). The local rate comes from
-`lars_tf.rule.local_learning_rate`, the same rule every other path uses.
+`LARS(jit_compile=True)` make it) on a host with no GPU or TPU, a norm is
+the trace of a small matrix product instead: XLA on CPU writes the squares of
+a sum of squares to a temporary and reduces that in several passes, but reads
+a matrix product's operands in place (BENCHMARKS.md, "Optimizer step"). The
+local rate comes from `lars_tf.rule.local_learning_rate`, the same rule every
+other path uses.
 
 The slot holds `-v` (Keras's `SGD` convention), so on every backend
 `slot = momentum * slot - local_lr * (g + d * w)` and `w = w + slot`.
@@ -29,6 +30,9 @@ FOLD_MIN_MOMENTUM = 1e-2
 # Under XLA, `||x||^2 = trace(X @ X^T)` for `X = reshape(x, [GRAM_ROWS, -1])`.
 # With 4 rows XLA hands the product to Eigen's matrix multiply, which reads x
 # once per operand; 2 rows take a slower path that also loses accuracy.
+# Only where no GPU or TPU is visible: there a float32 matrix product may run in
+# reduced precision (TensorFloat-32 on NVIDIA GPUs, bfloat16 passes on TPUs),
+# about 1e-3 off, and XLA fuses the plain sum of squares well anyway.
 GRAM_ROWS = 4
 
 
@@ -97,6 +101,7 @@ def _norm(x) -> tf.Tensor:
     under_xla = control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
     if (
         under_xla
+        and not _accelerator_visible()
         and x.dtype in (tf.float32, tf.float64)
         and size
         and size % GRAM_ROWS == 0
@@ -104,3 +109,10 @@ def _norm(x) -> tf.Tensor:
         rows = tf.reshape(x, [GRAM_ROWS, -1])
         return tf.sqrt(tf.linalg.trace(tf.matmul(rows, rows, transpose_b=True)))
     return tf.sqrt(2 * tf.nn.l2_loss(x))
+
+
+def _accelerator_visible() -> bool:
+    """Whether TensorFlow sees a GPU or TPU (decided while tracing)."""
+    return bool(
+        tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU")
+    )

@@ -7,7 +7,10 @@ from collections.abc import Callable, Sequence
 import keras
 from keras import ops
 
-from lars_tf import validation
+# `schedules` is imported for its side effect too: its classes get registered,
+# so `from lars_tf import LARS` is enough to load a model saved with LARS and
+# one of this package's schedules.
+from lars_tf import schedules, validation  # noqa: F401
 from lars_tf.rule import local_learning_rate, trust_ratio
 
 Exclusion = Sequence[str] | Callable[[keras.Variable], bool] | None

@@ -338,8 +338,9 @@ def check_load_saved(directory):
     gradient of the mean squared error by hand and the schedule's rate at the
     saved step.
     """
-    # Loading needs the classes the file names defined (lars_tf/__init__.py).
-    from lars_tf import LARS, WarmupPolynomialDecay  # noqa: F401
+    # Loading needs the classes the file names defined (lars_tf/__init__.py):
+    # LARS alone, which also defines the schedule this model uses.
+    from lars_tf import LARS  # noqa: F401
 
     saved = dict(np.load(os.path.join(directory, "state.npz")))
     model = keras.saving.load_model(os.path.join(directory, "model.keras"))

@@ -573,24 +573,6 @@ def test_missing_idx_file_is_named(mnist_dir):
 # TFDS
 
 
-@pytest.fixture
-def tfds_metadata_dir(tmp_path):
-    """TFDS metadata of a prepared 'mnist' (train 2 files, test 1), no data."""
-    tfds = pytest.importorskip("tensorflow_datasets")
-    builder = tfds.builder("mnist", data_dir=str(tmp_path))
-    builder.info.set_splits(
-        tfds.core.SplitDict(
-            [
-                tfds.core.SplitInfo(name="train", shard_lengths=[6, 6], num_bytes=0),
-                tfds.core.SplitInfo(name="test", shard_lengths=[5], num_bytes=0),
-            ]
-        )
-    )
-    os.makedirs(builder.data_dir)
-    builder.info.write_to_directory(builder.data_dir)
-    return str(tmp_path)
-
-
 def test_tfds_mock_data(tfds_metadata_dir):
     import tensorflow_datasets as tfds
 
