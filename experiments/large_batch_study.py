@@ -913,16 +913,26 @@ def fair_summary_rows(summaries: Sequence[dict], seed: int = 0) -> list[dict]:
     return rows
 
 
-def fair_summary_table(summaries: Sequence[dict], seed: int = 0) -> str:
+def fair_summary_table(
+    summaries: Sequence[dict],
+    seed: int = 0,
+    base_summaries: Sequence[dict] | None = None,
+) -> str:
     """Markdown of ``fair_summary_rows``, with the gap of the mean test top-1 to
-    the base batch's (smallest batch's) best mean test top-1 over optimizers."""
+    the base batch's (smallest batch's) best mean test top-1 over optimizers:
+    of ``base_summaries`` when given (a base batch trained for another number
+    of epochs, ``--base_epochs``), else of ``summaries``."""
     rows = fair_summary_rows(summaries, seed)
-    base = min(r["batch"] for r in rows)
-    base_best = max(r["test_mean"] for r in rows if r["batch"] == base)
+    base_rows = fair_summary_rows(base_summaries, seed) if base_summaries else rows
+    base = min(r["batch"] for r in base_rows)
+    base_best = max(r["test_mean"] for r in base_rows if r["batch"] == base)
+    base_epochs = ""
+    if base_summaries:
+        base_epochs = f"; base: {base_summaries[0]['config']['epochs']} epochs"
     lines = [
         "| batch | optimizer | runs tried (seed 0) | chosen base LR | peak LR "
         "| warm-up (epochs) | val top-1 (%) | test top-1 (%) | seeds "
-        "| gap to base (points) |",
+        f"| gap to base (points{base_epochs}) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -966,6 +976,28 @@ def fair_runs_table(summaries: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _base_elsewhere(group: list[dict], groups: dict) -> list[dict] | None:
+    """For a group without runs at its base batch (larger batches trained
+    longer, ``--base_epochs``): the base batch's runs of the group that differs
+    only in having fewer epochs (the most such epochs); None otherwise."""
+    config = config_of(group[0])
+    if any(s["config"]["batch_size"] == config.base_batch_size for s in group):
+        return None
+    candidates = []
+    for other in groups.values():
+        other_config = config_of(other[0])
+        same = dataclasses.replace(other_config, epochs=config.epochs)
+        if other_config.epochs < config.epochs and fair_setting_label(
+            same
+        ) == fair_setting_label(config):
+            base = [
+                s for s in other if s["config"]["batch_size"] == config.base_batch_size
+            ]
+            if base:
+                candidates.append((other_config.epochs, base))
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+
 def write_fair_report(summaries: Sequence[dict], seed: int = 0) -> str:
     """Markdown sections of the fair protocol's runs, per setting."""
     groups = {}
@@ -976,7 +1008,7 @@ def write_fair_report(summaries: Sequence[dict], seed: int = 0) -> str:
         sections += [
             f"## Fair protocol, {label}: chosen on the held-out split (seed "
             f"{seed}); test top-1 mean ± sample std over seeds",
-            fair_summary_table(group, seed),
+            fair_summary_table(group, seed, _base_elsewhere(group, groups)),
             f"## Fair protocol, {label}: every run ({len(group)} finished; "
             "held-out split only)",
             fair_runs_table(group),

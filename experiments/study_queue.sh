@@ -80,3 +80,7 @@ $fair --optimizers=nesterov,lamb --batch_sizes=4096
 #     at its 3 epochs (its choices above are reused).
 $fair --epochs=10 --base_epochs=3 --optimizers=sgd,lars --batch_sizes=8192
 $fair --epochs=10 --base_epochs=3 --optimizers=nesterov,lamb --batch_sizes=8192
+# F4b. Outside the equal budget, as in F2b: Nesterov at SGD's chosen 10-epoch
+#      8192 setting, 3 seeds.
+$fair --epochs=10 --base_epochs=3 --optimizers=nesterov --batch_sizes=8192 \
+    --fixed_base_lr=0.025 --warmup_epochs=2

@@ -61,6 +61,39 @@ def _summary(
     }
 
 
+def test_fair_report_measures_longer_runs_against_the_shorter_base():
+    """Larger batches trained 10 epochs (--base_epochs=3): their gap is to the
+    3-epoch base batch, not to the best of their own rows."""
+    template = _fair_template()
+    summaries = []
+    for batch, epochs, seed, test in [
+        (128, 3, 0, 0.990),
+        (128, 3, 1, 0.992),
+        (8192, 10, 0, 0.985),
+        (8192, 10, 1, 0.983),
+    ]:
+        config = dataclasses.replace(
+            template, batch_size=batch, epochs=epochs, base_lr=0.05, seed=seed
+        )
+        summaries.append(
+            {
+                "run_id": config.run_id,
+                "config": dataclasses.asdict(config),
+                "peak_lr": config.peak_lr,
+                "final_val_top1": 0.99,
+                "final_test_top1": test,
+                "diverged": False,
+                "wall_time_s": 1.0,
+            }
+        )
+    report = study.write_fair_report(summaries)
+    # 8192 at 10 epochs: mean 98.40, 0.70 below the 3-epoch base's 99.10.
+    assert "| 8192 | sgd | 1 | 0.05 | 3.2 | 0 | 99.00 | 98.40 ± 0.14 | 2 | -0.70 |" in (
+        report
+    )
+    assert "gap to base (points; base: 3 epochs)" in report
+
+
 @pytest.mark.skipif(
     not os.path.exists(os.path.join(MNIST_DIR, "train-images-idx3-ubyte.gz")),
     reason=f"MNIST IDX files not found in {MNIST_DIR} (set LARS_TF_DATA_DIR)",
