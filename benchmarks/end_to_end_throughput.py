@@ -60,7 +60,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks.input_pipeline import images_per_second  # noqa: E402
-from benchmarks.training_throughput import optimizers  # noqa: E402
+from benchmarks.training_throughput import machine_line, optimizers  # noqa: E402
 from train import UserError, data, models, preprocessing, sources  # noqa: E402
 
 SETTINGS = ("fed", "cached", "pipeline")
@@ -248,12 +248,7 @@ def verdict(fed: float, cached: float, pipeline: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    print(
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} "
-        f"CPUs, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-        f"load average {os.getloadavg()[0]:.1f}",
-        flush=True,
-    )
+    print(machine_line(), flush=True)
     try:
         source = sources.describe("imagenet", args.data_dir)
         results = []

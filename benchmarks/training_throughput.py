@@ -154,14 +154,18 @@ def pipeline_rate(source: str, args: argparse.Namespace, batch_size: int) -> flo
     return wall_rate
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    print(
+def machine_line() -> str:
+    """When and where a run is made: date, CPUs, versions, load average."""
+    return (
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} "
         f"CPUs, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-        f"load average {os.getloadavg()[0]:.1f}",
-        flush=True,
+        f"load average {os.getloadavg()[0]:.1f}"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    print(machine_line(), flush=True)
     print(
         "\nThroughput ratio LARS / SGD-momentum (images/s), median over rounds "
         "[25th-75th percentile]; 'best' rows: each optimizer at its faster "
