@@ -84,3 +84,7 @@ $fair --epochs=10 --base_epochs=3 --optimizers=nesterov,lamb --batch_sizes=8192
 #      8192 setting, 3 seeds.
 $fair --epochs=10 --base_epochs=3 --optimizers=nesterov --batch_sizes=8192 \
     --fixed_base_lr=0.025 --warmup_epochs=2
+# F5. Equal epochs: the base batch's 3-epoch choices trained 10 epochs, 3 seeds
+#     (outside the budget: no selection at that length).
+$fair --epochs=10 --optimizers=lars --batch_sizes=128 --fixed_base_lr=4 --warmup_epochs=1
+$fair --epochs=10 --optimizers=sgd --batch_sizes=128 --fixed_base_lr=0.2 --warmup_epochs=1
