@@ -1298,6 +1298,14 @@ def main(argv: list[str]) -> None:
     if FLAGS.report:
         print(write_report(FLAGS.output_dir, FLAGS.report_dir, FLAGS.part, FLAGS.seed))
         return
+    fair_only = [
+        name
+        for name in ("optimizers", "fixed_base_lr", "base_epochs")
+        if FLAGS[name].present
+    ]
+    if fair_only and not FLAGS.fair:
+        print(f"--{fair_only[0]}: works with --fair only", file=sys.stderr)
+        sys.exit(2)
     import train
 
     data_dir = FLAGS.part_data_dir or default_part_data_dir(

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -59,6 +61,22 @@ def _summary(
         "diverged": diverged,
         "wall_time_s": 1.0,
     }
+
+
+@pytest.mark.parametrize(
+    "flag", ["--optimizers=lamb", "--fixed_base_lr=0.1", "--base_epochs=3"]
+)
+def test_fair_only_flag_without_fair_is_a_one_line_usage_error(flag):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.large_batch_study", flag, "--dry_run"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    name = flag.split("=")[0]
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"{name}: works with --fair only"]
 
 
 def test_fair_report_measures_longer_runs_against_the_shorter_base():
