@@ -981,21 +981,28 @@ def _base_elsewhere(group: list[dict], groups: dict) -> list[dict] | None:
     longer, ``--base_epochs``): the base batch's runs of the group that differs
     only in having fewer epochs (the most such epochs); None otherwise."""
     config = config_of(group[0])
-    if any(s["config"]["batch_size"] == config.base_batch_size for s in group):
+
+    def base_runs(summaries: list[dict]) -> list[dict]:
+        return [
+            s for s in summaries if s["config"]["batch_size"] == config.base_batch_size
+        ]
+
+    def label_at_epochs(summaries: list[dict]) -> str:
+        other = dataclasses.replace(config_of(summaries[0]), epochs=config.epochs)
+        return fair_setting_label(other)
+
+    if base_runs(group):
         return None
-    candidates = []
-    for other in groups.values():
-        other_config = config_of(other[0])
-        same = dataclasses.replace(other_config, epochs=config.epochs)
-        if other_config.epochs < config.epochs and fair_setting_label(
-            same
-        ) == fair_setting_label(config):
-            base = [
-                s for s in other if s["config"]["batch_size"] == config.base_batch_size
-            ]
-            if base:
-                candidates.append((other_config.epochs, base))
-    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+    shorter = [
+        other
+        for other in groups.values()
+        if other[0]["config"]["epochs"] < config.epochs
+        and label_at_epochs(other) == fair_setting_label(config)
+        and base_runs(other)
+    ]
+    if not shorter:
+        return None
+    return base_runs(max(shorter, key=lambda other: other[0]["config"]["epochs"]))
 
 
 def write_fair_report(summaries: Sequence[dict], seed: int = 0) -> str:

@@ -452,8 +452,11 @@ def run(
         "segments": segments,
     }
     if chief:
-        train_where = "; those of the tf.data service's workers not counted"
-        train_where = train_where if config.data_service else ""
+        train_where = (
+            "; those of the tf.data service's workers not counted"
+            if config.data_service
+            else ""
+        )
         _export_model(model, config, os.path.join(model_dir, MODEL_FILE))
         config_lib.write_json(os.path.join(model_dir, SUMMARY_FILE), summary)
         log(
