@@ -50,26 +50,10 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("records", 512, "Records held in memory and cycled.")
 # --images, --rounds, --image_size and --batch_size are input_pipeline.py's.
-SIDES = ("ymin", "xmin", "ymax", "xmax")
-
-
-def _parse(record, boxes=False):
-    features = {
-        "image/encoded": tf.io.FixedLenFeature([], tf.string, ""),
-        "image/class/label": tf.io.FixedLenFeature([], tf.int64, -1),
-    }
-    if boxes:
-        for side in SIDES:
-            features[f"image/object/bbox/{side}"] = tf.io.VarLenFeature(tf.float32)
-    parsed = tf.io.parse_single_example(record, features)
-    if not boxes:
-        return parsed["image/encoded"], tf.zeros([1, 0, 4])
-    sides = [tf.sparse.to_dense(parsed[f"image/object/bbox/{s}"]) for s in SIDES]
-    return parsed["image/encoded"], tf.expand_dims(tf.stack(sides, axis=-1), 0)
 
 
 def _decode(record, seed):
-    jpeg, _ = _parse(record)
+    jpeg, _, _ = data.parse_image_record(record, with_boxes=False)
     window = preprocessing.minimal_crop_window(
         preprocessing.image_shape(jpeg, is_encoded=True), seed
     )
@@ -80,14 +64,15 @@ def _resized(record, seed):
     return preprocessing.resize(_decode(record, seed), FLAGS.image_size)
 
 
-def _parsed_size(jpeg, boxes):
+def _parsed_size(record, with_boxes):
+    jpeg, _, boxes = data.parse_image_record(record, with_boxes)
     return tf.strings.length(jpeg) + tf.size(boxes)
 
 
 # Each function gets the serialized record and a per-image [2] seed.
 VARIANTS = {
-    "parse": lambda r, seed: _parsed_size(*_parse(r)),
-    "parse_boxes": lambda r, seed: _parsed_size(*_parse(r, boxes=True)),
+    "parse": lambda r, seed: _parsed_size(r, with_boxes=False),
+    "parse_boxes": lambda r, seed: _parsed_size(r, with_boxes=True),
     "decode": _decode,
     "flip_tf": lambda r, seed: tf.image.stateless_random_flip_left_right(
         _decode(r, seed), seed
@@ -104,7 +89,9 @@ VARIANTS = {
     ),
     "round_cast": lambda r, seed: tf.cast(tf.round(_resized(r, seed)), tf.uint8),
     "reference_image": lambda r, seed: tf.image.random_flip_left_right(
-        input_pipeline.reference_random_crop(_parse(r)[0], FLAGS.image_size)
+        input_pipeline.reference_random_crop(
+            data.parse_image_record(r, with_boxes=False)[0], FLAGS.image_size
+        )
     ),
 }
 

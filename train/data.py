@@ -256,6 +256,30 @@ class _Records:
     counted_files: bool = False  # End markers carry the counts to check.
 
 
+def parse_image_record(
+    record: tf.Tensor, with_boxes: bool
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(encoded image, label, boxes [1, N, 4]) of a serialized record in the
+    ImageNet TFRecord format; the boxes are parsed only ``with_boxes`` (else
+    none: parsing them costs time the other crops do not need)."""
+    features = {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string, ""),
+        "image/class/label": tf.io.FixedLenFeature([], tf.int64, -1),
+    }
+    sides = ("ymin", "xmin", "ymax", "xmax")
+    if with_boxes:
+        for side in sides:
+            features[f"image/object/bbox/{side}"] = tf.io.VarLenFeature(tf.float32)
+    parsed = tf.io.parse_single_example(record, features)
+    boxes = tf.zeros([1, 0, 4])
+    if with_boxes:
+        box_sides = [
+            tf.sparse.to_dense(parsed[f"image/object/bbox/{side}"]) for side in sides
+        ]
+        boxes = tf.expand_dims(tf.stack(box_sides, axis=-1), 0)
+    return parsed["image/encoded"], parsed["image/class/label"], boxes
+
+
 class InputFn:
     """Builds one input pipeline per call; made by `make_input_fn`.
 
@@ -744,25 +768,9 @@ class InputFn:
         """(image, label, boxes [1, N, 4]) of a record's payload."""
         if "record" not in payload:
             return payload["image"], payload["label"], tf.zeros([1, 0, 4])
-        features = {
-            "image/encoded": tf.io.FixedLenFeature([], tf.string, ""),
-            "image/class/label": tf.io.FixedLenFeature([], tf.int64, -1),
-        }
-        sides = ("ymin", "xmin", "ymax", "xmax")
         # Only the "extended" training crop reads the boxes.
-        uses_boxes = self.settings.training and self.settings.augmentation == "extended"
-        if uses_boxes:
-            for side in sides:
-                features[f"image/object/bbox/{side}"] = tf.io.VarLenFeature(tf.float32)
-        parsed = tf.io.parse_single_example(payload["record"], features)
-        boxes = tf.zeros([1, 0, 4])
-        if uses_boxes:
-            box_sides = [
-                tf.sparse.to_dense(parsed[f"image/object/bbox/{side}"])
-                for side in sides
-            ]
-            boxes = tf.expand_dims(tf.stack(box_sides, axis=-1), 0)
-        return parsed["image/encoded"], parsed["image/class/label"], boxes
+        with_boxes = self.settings.training and self.settings.augmentation == "extended"
+        return parse_image_record(payload["record"], with_boxes)
 
     # -- Batches --------------------------------------------------------------
 
