@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import input_pipeline  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from train import data, preprocessing  # noqa: E402
+from train import UserError, data, preprocessing  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -123,7 +123,11 @@ def images_per_cpu_second(records: tf.Tensor, function) -> float:
 
 def main(argv):
     del argv
-    files = data.list_record_files(FLAGS.data_dir, "train")
+    try:
+        files = data.list_record_files(FLAGS.data_dir, "train")
+    except UserError as error:  # A bad --data_dir: one line, exit 2.
+        print(error, file=sys.stderr)
+        sys.exit(2)
     records = [
         record.numpy() for record in tf.data.TFRecordDataset(files).take(FLAGS.records)
     ]
