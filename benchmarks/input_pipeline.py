@@ -211,7 +211,10 @@ def converted_imagenette(cache_dir: str) -> str:
         return cache_dir
     source = os.path.join(shared_data_dir(), "imagenette2-224", "train")
     if not os.path.isdir(source):
-        sys.exit(f"Imagenette not found at {source}; set LARS_TF_DATA_DIR")
+        print(
+            f"Imagenette not found at {source}; set LARS_TF_DATA_DIR", file=sys.stderr
+        )
+        sys.exit(2)
     print(f"converting {source} -> {cache_dir} (once)", flush=True)
     start = time.perf_counter()
     convert_images.convert(
