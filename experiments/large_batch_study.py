@@ -37,6 +37,7 @@ Matplotlib is needed for ``--report`` only (``pip install lars-tf[study]``).
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -50,7 +51,14 @@ import numpy as np
 from absl import app, flags, logging
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ("mnist", "imagenette", "tfds_mnist", "tfds_fashion_mnist", "tfds_cifar10")
+PARTS = (
+    "mnist",
+    "imagenette",
+    "imagenette32",
+    "tfds_mnist",
+    "tfds_fashion_mnist",
+    "tfds_cifar10",
+)
 # "nesterov" (Keras SGD with Nesterov momentum) and "lamb" (Keras Lamb) are the
 # peers of the fair protocol's reality check (Nado et al. 2021).
 OPTIMIZERS = ("sgd", "lars", "nesterov", "lamb")
@@ -107,6 +115,11 @@ PART_SETTINGS = {
         repeat_seeds=(),
     ),
 }
+# Imagenette at 32x32: a quarter of the 64x64 part's compute per image, so the
+# fair protocol's selection and seeds fit a few hours of a 2-core machine.
+PART_SETTINGS["imagenette32"] = dataclasses.replace(
+    PART_SETTINGS["imagenette"], image_size=32, repeat_seeds=(1, 2)
+)
 # For machines where TFDS can download: the MNIST grid on TFDS's copy of MNIST,
 # Fashion-MNIST or CIFAR-10 (prepared beforehand; the input pipeline never
 # downloads). CIFAR-10 gets 32x32 images and the minimal augmentation.
@@ -126,7 +139,7 @@ def default_part_data_dir(part: str, shared_data_dir: str) -> str | None:
     has the command); None (TFDS's default folder) for the TFDS parts."""
     if part == "mnist":
         return os.path.join(shared_data_dir, "mnist")
-    if part == "imagenette":
+    if part.startswith("imagenette"):
         return os.path.join(REPO_ROOT, "runs", "imagenette_records")
     return None  # TFDS's own default data dir.
 
@@ -644,13 +657,24 @@ BASE_RATE_GRIDS = {
 # its own (it would cost as many runs as the large batch's).
 RATE_ANCHOR = {"nesterov": "sgd"}
 # Warm-up lengths tried (epochs): the study's first one, then a longer one.
-WARMUP_CHOICES = {"mnist": (1.0, 2.0), "imagenette": (2.0, 5.0)}
+# The parts whose training set the fair protocol can split (``held_out_split``).
+FAIR_PARTS = ("mnist", "imagenette", "imagenette32")
+WARMUP_CHOICES = {
+    "mnist": (1.0, 2.0),
+    "imagenette": (2.0, 5.0),
+    "imagenette32": (2.0, 5.0),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class HeldOutSplit:
     """A part's training set cut into ``train`` and ``val`` (``VALIDATION_FRACTION``,
-    fixed by ``VALIDATION_SPLIT_SEED``), and its test set, as uint8 arrays."""
+    fixed by ``VALIDATION_SPLIT_SEED``), and its test set, as uint8 arrays.
+
+    With ``image_size`` set, the stored images are larger and every batch crops
+    them with ``train.preprocessing``: at random with ``augmentation`` for
+    "train", in the center for "val" and "test".
+    """
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -660,12 +684,15 @@ class HeldOutSplit:
     test_labels: np.ndarray
     mean: tuple[float, ...]
     stddev: tuple[float, ...]
+    image_size: int | None = None  # None: the stored images as they are.
+    augmentation: str = "none"
 
     def batches(self, subset: str, batch_size: int, seed: int | None = None):
         """Normalized (images, labels) batches of ``subset`` ("train", "val" or
         "test"); for "train" an endless stream, reshuffled every epoch from
-        ``seed`` (so every optimizer sees the same examples in the same order)
-        and without a partial last batch, as ``train.data``'s pipeline does."""
+        ``seed`` (so every optimizer sees the same examples in the same order,
+        cropped and flipped the same way) and without a partial last batch, as
+        ``train.data``'s pipeline does."""
         import tensorflow as tf
 
         from train import preprocessing
@@ -676,6 +703,26 @@ class HeldOutSplit:
         training = subset == "train"
         if training:
             examples = examples.shuffle(len(labels), seed=seed).repeat()
+        if self.image_size is not None:
+            randomize = training and self.augmentation != "none"
+            example_seeds = tf.data.Dataset.random(seed=seed).batch(2)
+
+            def crop(example, example_seed):
+                image = preprocessing.preprocess_image(
+                    example[0],
+                    is_encoded=False,
+                    image_size=self.image_size,
+                    training=training,
+                    augmentation=self.augmentation,
+                    seed=example_seed if randomize else None,
+                    channels=images.shape[-1],
+                    crop_fraction=preprocessing.MINIMAL_CROP_FRACTION,
+                )
+                return image, example[1]
+
+            examples = tf.data.Dataset.zip((examples, example_seeds)).map(
+                crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+            )
         return (
             examples.batch(batch_size, drop_remainder=training)
             .map(
@@ -697,20 +744,73 @@ def validation_split_indices(
     return np.sort(order[held_out:]), np.sort(order[:held_out])
 
 
-def held_out_split(part: str, data_dir: str | None) -> HeldOutSplit:
-    """The fair protocol's data for ``part`` (MNIST's IDX files, read whole)."""
+def stored_image_size(image_size: int) -> int:
+    """The side at which ImageNet-format images are kept for the fair protocol:
+    the smallest whose ``MINIMAL_CROP_FRACTION`` crop (the "minimal" training
+    crop and the evaluation center crop) is ``image_size`` pixels."""
+    from train import preprocessing
+
+    fraction = preprocessing.MINIMAL_CROP_FRACTION
+    side = math.ceil(image_size / fraction)
+    while int(fraction * side) < image_size:
+        side += 1
+    return side
+
+
+def read_image_records(
+    data_dir: str, split: str, side: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, side, side, 3] uint8, 0-based labels [N]) of a split of
+    ImageNet-format TFRecords (``train.convert_images``), in file order: every
+    image decoded once and resized whole, with antialiasing, to side x side."""
+    import tensorflow as tf
+
     from train import data, sources
 
-    if PART_SETTINGS[part].source != "mnist":
-        raise NotImplementedError(
-            f"--validation needs the training set as arrays; only part mnist has "
-            f"them, not {part}"
+    label_offset = sources.describe("imagenet", data_dir).label_offset
+
+    def decode(record):
+        encoded, label, _ = data.parse_image_record(record, with_boxes=False)
+        image = tf.image.resize(
+            tf.io.decode_jpeg(encoded, channels=3), [side, side], antialias=True
         )
-    images, labels = data.load_idx_split(data_dir, "train")
-    test_images, test_labels = data.load_idx_split(data_dir, "validation")
+        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        return image, label - label_offset
+
+    records = tf.data.TFRecordDataset(data.list_record_files(data_dir, split))
+    images, labels = [], []
+    decoded = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    for image_batch, label_batch in decoded.batch(1024):
+        images.append(image_batch.numpy())
+        labels.append(label_batch.numpy())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+@functools.cache
+def held_out_split(part: str, data_dir: str | None) -> HeldOutSplit:
+    """The fair protocol's data for ``part``: MNIST's IDX files, or Imagenette's
+    TFRecords decoded once (``read_image_records``), read whole and kept for
+    the process's later runs."""
+    from train import data, sources
+
+    settings = PART_SETTINGS[part]
+    if settings.source == "mnist":
+        images, labels = data.load_idx_split(data_dir, "train")
+        test_images, test_labels = data.load_idx_split(data_dir, "validation")
+        mnist = sources.SOURCES["mnist"]
+        mean, stddev, image_size = mnist.mean, mnist.std, None
+    elif settings.source == "imagenet":
+        side = stored_image_size(settings.image_size)
+        images, labels = read_image_records(data_dir, "train", side)
+        test_images, test_labels = read_image_records(data_dir, "validation", side)
+        mean, stddev = sources.IMAGENET_MEAN_RGB, sources.IMAGENET_STDDEV_RGB
+        image_size = settings.image_size
+    else:
+        raise NotImplementedError(
+            f"--fair needs the training set as arrays; parts "
+            f"{', '.join(FAIR_PARTS)} have them, not {part}"
+        )
     train, val = validation_split_indices(len(labels))
-    mnist = sources.SOURCES["mnist"]
-    mean, stddev = mnist.mean, mnist.std
     return HeldOutSplit(
         images[train],
         labels[train],
@@ -720,6 +820,8 @@ def held_out_split(part: str, data_dir: str | None) -> HeldOutSplit:
         test_labels,
         mean,
         stddev,
+        image_size,
+        settings.augmentation,
     )
 
 
@@ -1387,11 +1489,12 @@ def main(argv: list[str]) -> None:
 def main_fair(settings: PartSettings, data_dir: str | None) -> None:
     """``--fair``: runs (or with --dry_run lists) the fair protocol."""
     unknown = sorted(set(FLAGS.optimizers) - set(OPTIMIZERS))
-    if unknown or settings.source != "mnist":
+    if unknown or FLAGS.part not in FAIR_PARTS:
         reason = (
             f"--optimizers: unknown {unknown}; allowed: {', '.join(OPTIMIZERS)}"
             if unknown
-            else f"--fair needs --part=mnist (a held-out split); got {FLAGS.part}"
+            else f"--fair: --part must be one of {', '.join(FAIR_PARTS)} (a "
+            f"held-out split of its training set); got {FLAGS.part}"
         )
         print(reason, file=sys.stderr)
         sys.exit(2)

@@ -88,3 +88,13 @@ $fair --epochs=10 --base_epochs=3 --optimizers=nesterov --batch_sizes=8192 \
 #     (outside the budget: no selection at that length).
 $fair --epochs=10 --optimizers=lars --batch_sizes=128 --fixed_base_lr=4 --warmup_epochs=1
 $fair --epochs=10 --optimizers=sgd --batch_sizes=128 --fixed_base_lr=0.2 --warmup_epochs=1
+# I1. The second data set: Imagenette at 32x32 (needs runs/imagenette_records:
+#     STUDY.md, "Commands"), base batch 64 for 10 epochs and 32x (2048) for 40
+#     epochs (160 steps; trained longer as in F4), SGD and LARS, the same
+#     selection, then seeds 1 and 2 at both batches.
+in32="$fair --part=imagenette32 --epochs=40 --base_epochs=10"
+$in32 --optimizers=sgd,lars --batch_sizes=64,2048
+# I2. The reality check at 32x: Nesterov (SGD's base choice anchors its grid) and
+#     Lamb (its own base-batch selection first, no extra seeds there).
+$in32 --optimizers=lamb --batch_sizes=64 --repeat_seeds=
+$in32 --optimizers=nesterov,lamb --batch_sizes=2048
