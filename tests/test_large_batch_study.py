@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import train
@@ -514,3 +515,92 @@ def test_tiny_fair_run_selects_on_held_out_split_and_tests_once(tmp_path):
     assert summary["final_val_top1_moving_bn"] == summary["val_top1_per_epoch"][0]
     for key in ("final_val_top1", "final_test_top1"):
         assert 0.0 <= summary[key] <= 1.0
+
+
+@pytest.mark.parametrize("image_size, side", [(32, 37), (64, 74), (224, 256)])
+def test_stored_side_is_the_smallest_whose_seven_eighths_crop_is_the_size(
+    image_size, side
+):
+    # By hand: int(0.875 * 37) = 32 while int(0.875 * 36) = 31; 74 -> 64 and
+    # 73 -> 63; 256 -> 224 and 255 -> 223.
+    assert study.stored_image_size(image_size) == side
+
+
+def _gradient_split(side=37, image_size=32, count=64):
+    """A HeldOutSplit of ``count`` equal images whose channel 0 is 6 * column and
+    channel 1 is 6 * row, with mean 0 and stddev 1 (batches are raw pixels)."""
+    rows, columns = np.mgrid[0:side, 0:side]
+    image = np.stack([6 * columns, 6 * rows, np.zeros_like(rows)], -1)
+    images = np.repeat(image[np.newaxis].astype(np.uint8), count, axis=0)
+    labels = np.arange(count) % 10
+    return study.HeldOutSplit(
+        images, labels, images, labels, images, labels,
+        (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), image_size, "minimal",
+    )  # fmt: skip
+
+
+def test_held_out_batches_center_crop_for_evaluation():
+    images, labels = next(iter(_gradient_split().batches("val", 64)))
+    # The center 32 of 37: offset (37 - 32 + 1) // 2 = 3 on both axes.
+    crop = 6 * (np.arange(32) + 3)
+    for image in images.numpy():
+        np.testing.assert_allclose(image[..., 0], np.tile(crop, (32, 1)), atol=1e-3)
+        np.testing.assert_allclose(image[..., 1], np.tile(crop, (32, 1)).T, atol=1e-3)
+    assert list(labels.numpy()) == list(np.arange(64) % 10)
+
+
+def test_held_out_training_batches_crop_and_flip_at_random_reproducibly():
+    split = _gradient_split()
+    images = next(iter(split.batches("train", 64, seed=3)))[0].numpy()
+    again = next(iter(split.batches("train", 64, seed=3)))[0].numpy()
+    other = next(iter(split.batches("train", 64, seed=4)))[0].numpy()
+    np.testing.assert_array_equal(images, again)
+    assert not np.array_equal(images, other)
+    offsets, flipped = set(), 0
+    for image in images:
+        columns = image[0, :, 0] / 6  # One row: 32 consecutive columns.
+        steps = np.diff(columns)
+        assert np.allclose(steps, 1, atol=1e-3) or np.allclose(steps, -1, atol=1e-3)
+        flipped += steps[0] < 0
+        offsets.add(round(min(columns)))
+        rows = image[:, 0, 1] / 6  # Rows are never flipped.
+        np.testing.assert_allclose(np.diff(rows), 1, atol=1e-3)
+        offsets.add(round(rows[0]))
+    assert offsets <= set(range(6))  # 37 - 32 + 1 positions.
+    assert len(offsets) > 2 and 0 < flipped < 64
+
+
+def test_imagenette_part_reads_records_once_with_zero_based_labels(tmp_path):
+    import tensorflow as tf
+
+    from train import convert_images
+
+    # Class k's 20 images are a flat colour of its own: each decoded image's
+    # colour names its label, whatever order the converter shuffled them into.
+    colours = {k: (20 + 60 * k, 200 - 50 * k, 90) for k in range(3)}
+    for split in ("train", "val"):
+        for k, colour in colours.items():
+            folder = tmp_path / "images" / split / f"n0000000{k}"
+            folder.mkdir(parents=True)
+            image = np.broadcast_to(np.array(colour, np.uint8), (40, 48, 3))
+            for i in range(20 if split == "train" else 5):
+                jpeg = tf.io.encode_jpeg(np.ascontiguousarray(image), quality=95)
+                (folder / f"{i}.JPEG").write_bytes(jpeg.numpy())
+    records = str(tmp_path / "records")
+    convert_images.convert(
+        records, str(tmp_path / "images/train"), str(tmp_path / "images/val"),
+        train_shards=2, validation_shards=1,
+    )  # fmt: skip
+    split = study.held_out_split("imagenette32", records)
+    assert (len(split.train_labels), len(split.val_labels)) == (54, 6)
+    assert len(split.test_labels) == 15
+    assert split.train_images.shape[1:] == (37, 37, 3)
+    for images, labels in (
+        (split.train_images, split.train_labels),
+        (split.val_images, split.val_labels),
+        (split.test_images, split.test_labels),
+    ):
+        expected = np.array([colours[label] for label in labels], np.float64)
+        np.testing.assert_allclose(images.mean(axis=(1, 2)), expected, atol=3)
+    assert sorted(np.bincount(split.test_labels)) == [5, 5, 5]
+    assert study.held_out_split("imagenette32", records) is split  # Read once.
