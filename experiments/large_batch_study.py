@@ -12,8 +12,9 @@ AlexNet-BN-like net of ``train/models.py``::
     python -m experiments.large_batch_study --fair --precise_bn --batch_sizes=128,8192
 
 ``--fair`` is the protocol the study's conclusions rest on: a fixed 10% of
-MNIST's training set is held out, every optimizer's rate and warm-up is chosen
-on it with the same budget (``select_on_validation``; above the base batch the
+the training set (MNIST's, or Imagenette's with ``--part=imagenette32`` or
+``imagenette``) is held out, every optimizer's rate and warm-up is chosen on
+it with the same budget (``select_on_validation``; above the base batch the
 rates span square-root to linear scaling), the chosen setting is repeated over
 seeds, and the test set is read once per run, at its end. The rest of this
 docstring describes the first protocol, kept for its recorded runs.
