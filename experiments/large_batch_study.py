@@ -1418,6 +1418,21 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     import train
 
+    try:
+        run_study(settings)
+    except train.UserError as error:  # A missing or wrong data folder.
+        print(
+            f"{error} (the study's --part_data_dir, else from --data_dir)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
+def run_study(settings: PartSettings) -> None:
+    """Runs (or with --dry_run lists) the part's grid or, with --fair, the fair
+    protocol; finished runs are skipped."""
+    import train
+
     data_dir = FLAGS.part_data_dir or default_part_data_dir(
         FLAGS.part, FLAGS.data_dir or train.shared_data_dir()
     )

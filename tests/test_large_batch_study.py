@@ -80,6 +80,19 @@ def test_fair_only_flag_without_fair_is_a_one_line_usage_error(flag):
     assert result.stderr.strip().splitlines() == [f"{name}: works with --fair only"]
 
 
+def test_missing_imagenette_records_are_a_one_line_usage_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.large_batch_study", "--fair",
+         "--part=imagenette32", f"--part_data_dir={tmp_path}", "--dry_run"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"--data_dir={tmp_path}: no ImageNet TFRecords")
+    assert "Traceback" not in result.stderr
+
+
 def test_fair_report_measures_longer_runs_against_the_shorter_base():
     """Larger batches trained 10 epochs (--base_epochs=3): their gap is to the
     3-epoch base batch, not to the best of their own rows."""
