@@ -657,14 +657,15 @@ BASE_RATE_GRIDS = {
 # momentum share one rate scale, so Nesterov needs no base-batch selection of
 # its own (it would cost as many runs as the large batch's).
 RATE_ANCHOR = {"nesterov": "sgd"}
-# Warm-up lengths tried (epochs): the study's first one, then a longer one.
-# The parts whose training set the fair protocol can split (``held_out_split``).
-FAIR_PARTS = ("mnist", "imagenette", "imagenette32")
+# Warm-up lengths tried (epochs), per part the fair protocol runs on (those
+# whose training set ``held_out_split`` can cut): the study's first one, then
+# a longer one.
 WARMUP_CHOICES = {
     "mnist": (1.0, 2.0),
     "imagenette": (2.0, 5.0),
     "imagenette32": (2.0, 5.0),
 }
+FAIR_PARTS = tuple(WARMUP_CHOICES)
 
 
 @dataclasses.dataclass(frozen=True)
