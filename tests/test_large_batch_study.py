@@ -64,29 +64,32 @@ def _summary(
     }
 
 
-@pytest.mark.parametrize(
-    "flag", ["--optimizers=lamb", "--fixed_base_lr=0.1", "--base_epochs=3"]
-)
-def test_fair_only_flag_without_fair_is_a_one_line_usage_error(flag):
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.large_batch_study", flag, "--dry_run"],
+def _run_study(*flags: str) -> subprocess.CompletedProcess:
+    """``python -m experiments.large_batch_study`` with ``flags``, from the
+    repository root; its exit status and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.large_batch_study", *flags],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize(
+    "flag", ["--optimizers=lamb", "--fixed_base_lr=0.1", "--base_epochs=3"]
+)
+def test_fair_only_flag_without_fair_is_a_one_line_usage_error(flag):
+    result = _run_study(flag, "--dry_run")
     name = flag.split("=")[0]
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"{name}: works with --fair only"]
 
 
 def test_missing_imagenette_records_are_a_one_line_usage_error(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.large_batch_study", "--fair",
-         "--part=imagenette32", f"--part_data_dir={tmp_path}", "--dry_run"],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result = _run_study(
+        "--fair", "--part=imagenette32", f"--part_data_dir={tmp_path}", "--dry_run"
+    )
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"--data_dir={tmp_path}: no ImageNet TFRecords")
