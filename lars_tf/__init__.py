@@ -1,46 +1,42 @@
 """lars_tf: LARS (You, Gitman & Ginsburg, 2017) for Keras 3.
 
 The optimizer, schedules and callbacks run on the TensorFlow, JAX and PyTorch
-backends. Names are imported on first use (PEP 562), so `lars_tf.validation`,
-which holds the argument ranges, can be imported without Keras or TensorFlow:
-the training app checks its flags with it before TensorFlow starts.
+backends. `import lars_tf` defines every class of the package and registers
+each one that can be saved with Keras, so `keras.saving.load_model` finds
+them in a model saved with LARS or one of these schedules.
 
-Loading a saved model that uses a class of this package needs that class
-defined first, as for any custom Keras object: `from lars_tf import LARS`
-(or `import lars_tf.lars`, which also defines the schedules) before
-`keras.saving.load_model`.
+`lars_tf.validation` (the argument ranges) imports neither Keras nor
+TensorFlow; the training app loads it alone to check its flags before
+TensorFlow starts (`train.lars_tf_validation`).
 """
 
-import importlib
+from lars_tf import validation
+from lars_tf.callbacks import LearningRateWarmup, Throughput
+from lars_tf.lars import LARS, exclude_bias_and_norm
+from lars_tf.rule import local_learning_rate, trust_ratio
+from lars_tf.schedules import (
+    ScheduleWithWarmup,
+    WarmupCosineDecay,
+    WarmupPolynomialDecay,
+    linear_warmup,
+    scaled_learning_rate,
+)
+from lars_tf.trust_ratio_monitor import TrustRatioMonitor
 
 __version__ = "0.1.0"
 
-# Public name -> the module that defines it.
-_MODULES = {
-    "LARS": "lars_tf.lars",
-    "exclude_bias_and_norm": "lars_tf.lars",
-    "local_learning_rate": "lars_tf.rule",
-    "trust_ratio": "lars_tf.rule",
-    "WarmupCosineDecay": "lars_tf.schedules",
-    "WarmupPolynomialDecay": "lars_tf.schedules",
-    "ScheduleWithWarmup": "lars_tf.schedules",
-    "linear_warmup": "lars_tf.schedules",
-    "scaled_learning_rate": "lars_tf.schedules",
-    "LearningRateWarmup": "lars_tf.callbacks",
-    "Throughput": "lars_tf.callbacks",
-    "TrustRatioMonitor": "lars_tf.trust_ratio_monitor",
-}
-
-__all__ = list(_MODULES)
-
-
-def __getattr__(name: str):
-    if name not in _MODULES:
-        raise AttributeError(f"module 'lars_tf' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULES[name]), name)
-    globals()[name] = value  # Later look-ups skip this function.
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__all__ = [
+    "LARS",
+    "LearningRateWarmup",
+    "ScheduleWithWarmup",
+    "Throughput",
+    "TrustRatioMonitor",
+    "WarmupCosineDecay",
+    "WarmupPolynomialDecay",
+    "exclude_bias_and_norm",
+    "linear_warmup",
+    "local_learning_rate",
+    "scaled_learning_rate",
+    "trust_ratio",
+    "validation",
+]

@@ -29,8 +29,8 @@ from typing import Any
 
 from absl import flags
 
-from lars_tf import validation
 from train import AUGMENTATIONS, FlagError, UserError, sources
+from train import lars_tf_validation as validation
 from train.data_service import parse_address
 
 OPTIMIZERS = ("lars", "sgd", "lamb", "adamw")
