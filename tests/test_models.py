@@ -97,6 +97,18 @@ def test_resnet20_has_paper_count():
     assert trainable_count(models.build_model("resnet20", 10, 32)) == expected
 
 
+def test_resnet8_has_hand_count():
+    # One basic block per stage: conv1, then 16->16 twice, 16->32 and 32->32,
+    # 32->64 and 64->64 (3x3, no bias, BN after each), then fc 64 -> 10.
+    convs = [(3, 16), (16, 16), (16, 16), (16, 32), (32, 32), (32, 64), (64, 64)]
+    expected = sum(conv_params(3, i, o, bias=False, bn=True) for i, o in convs)
+    expected += dense_params(64, 10)
+    assert expected == 75_290
+    model = models.build_model("resnet8", 10, 32)
+    assert trainable_count(model) == expected
+    assert model.get_layer("conv4_block1_2_conv").output.shape[1:] == (8, 8, 64)
+
+
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_small_alexnet_matches_hand_count(batch_norm):
     name = "small_alexnet_bn" if batch_norm else "small_alexnet"
@@ -135,6 +147,7 @@ def test_layer_names_give_readable_variable_paths(imagenet_models):
         ("googlenet", 4, 32, 3),
         ("resnet20", 10, 32, 3),
         ("resnet20", 2, 9, 1),
+        ("resnet8", 10, 32, 3),
         ("small_alexnet", 10, 28, 1),
         ("small_alexnet_bn", 10, 28, 1),
         ("small_alexnet_bn", 10, 64, 3),
