@@ -966,6 +966,74 @@ def run_fair_protocol(
     return chosen
 
 
+def _has_base_selection(group: Sequence[dict], warmup: float) -> bool:
+    """Whether ``group`` holds a complete base-batch selection's first stage
+    (every rate of ``BASE_RATE_GRIDS`` at ``warmup``, seed 0) for some
+    optimizer: then its base batch was selected at the group's own epochs."""
+    base = config_of(group[0]).base_batch_size
+    done = {
+        (s["config"]["optimizer"], s["config"]["base_lr"])
+        for s in group
+        if s["config"]["batch_size"] == base
+        and s["config"]["seed"] == 0
+        and s["config"]["warmup_epochs"] == warmup
+    }
+    return any(
+        all((optimizer, rate) in done for rate in rates)
+        for optimizer, rates in BASE_RATE_GRIDS.items()
+    )
+
+
+def _base_epochs_of(group: list[dict], part_groups: dict) -> int | None:
+    """The epochs of the base batch whose choices ``group``'s larger batches
+    scale: None when ``group`` selected its own base batch, else those of the
+    group with the most shorter epochs (``--base_epochs``)."""
+    if _has_base_selection(group, WARMUP_CHOICES[group[0]["config"]["part"]][0]):
+        return None
+    base = group[0]["config"]["base_batch_size"]
+    larger = [s for s in group if s["config"]["batch_size"] != base]
+    elsewhere = _base_elsewhere(larger or group, part_groups)
+    return elsewhere[0]["config"]["epochs"] if elsewhere else None
+
+
+def budget_run_ids(summaries: Sequence[dict]) -> set[str]:
+    """The ids of the fair-protocol runs that the equal budget asks for.
+
+    Replays ``run_fair_protocol`` on the recorded runs, per part, setting and
+    (batch, optimizer) found there, with the part's warm-ups and repeat seeds;
+    a selection counts only when every run it needs was recorded. Any other
+    recorded run (a base batch retrained at another length, a rate past an
+    edge, one optimizer at another's setting) is outside the budget.
+    """
+    by_part = {}
+    for summary in summaries:
+        config = config_of(summary)
+        groups = by_part.setdefault(config.part, {})
+        groups.setdefault(fair_setting_label(config), []).append(summary)
+    asked = set()
+    for part, groups in by_part.items():
+        for group in groups.values():
+            template = dataclasses.replace(config_of(group[0]), seed=0)
+            cells = {
+                (s["config"]["batch_size"], s["config"]["optimizer"]) for s in group
+            }
+            for batch, optimizer in sorted(cells):
+                cell = set()
+                chosen = run_fair_protocol(
+                    template,
+                    [batch],
+                    [optimizer],
+                    WARMUP_CHOICES[part],
+                    PART_SETTINGS[part].repeat_seeds,
+                    lambda config, cell=cell: cell.add(config.run_id),
+                    lambda: list(summaries),
+                    base_epochs=_base_epochs_of(group, groups),
+                )
+                if chosen[(batch, optimizer)] is not None:
+                    asked |= cell
+    return asked & {s["run_id"] for s in summaries}
+
+
 def fair_setting_label(config: RunConfig) -> str:
     """What fair-protocol runs must share to be compared: ``setting_label``
     without the warm-up, which is chosen per run."""
@@ -974,10 +1042,16 @@ def fair_setting_label(config: RunConfig) -> str:
     )
 
 
-def fair_summary_rows(summaries: Sequence[dict], seed: int = 0) -> list[dict]:
+def fair_summary_rows(
+    summaries: Sequence[dict], seed: int = 0, in_budget: set[str] | None = None
+) -> list[dict]:
     """Per (batch, optimizer) of one setting: the seed-``seed`` run chosen on
-    the held-out split (among every rate and warm-up tried), its validation
-    top-1, and the test top-1 of that setting over every seed that ran it."""
+    the held-out split (among every rate and warm-up tried; only runs in
+    ``in_budget`` when given), its validation top-1, and the test top-1 of
+    that setting over every seed that ran it and over the fresh seeds (all
+    but ``seed``, the selection's) alone."""
+    if in_budget is not None:
+        summaries = [s for s in summaries if s["run_id"] in in_budget]
     rows = []
     keys = sorted(
         {(s["config"]["batch_size"], s["config"]["optimizer"]) for s in summaries},
@@ -997,6 +1071,7 @@ def fair_summary_rows(summaries: Sequence[dict], seed: int = 0) -> list[dict]:
         same = _without_seed(pick)
         repeats = [s for s in summaries if _without_seed(s) == same]
         tests = [s["final_test_top1"] for s in repeats]
+        fresh = [s["final_test_top1"] for s in repeats if s["config"]["seed"] != seed]
         mean, spread = mean_and_spread(tests)
         rows.append(
             {
@@ -1011,6 +1086,7 @@ def fair_summary_rows(summaries: Sequence[dict], seed: int = 0) -> list[dict]:
                 "test_spread": spread,
                 "test_min": min(tests),
                 "seeds": len(tests),
+                "fresh_mean": statistics.mean(fresh) if fresh else None,
                 "diverged": any(s["diverged"] for s in repeats),
             }
         )
@@ -1021,13 +1097,14 @@ def fair_summary_table(
     summaries: Sequence[dict],
     seed: int = 0,
     base_summaries: Sequence[dict] | None = None,
+    in_budget: set[str] | None = None,
 ) -> str:
     """Markdown of ``fair_summary_rows``, with the gap of the mean test top-1 to
     the base batch's (smallest batch's) best mean test top-1 over optimizers:
     of ``base_summaries`` when given (a base batch trained for another number
     of epochs, ``--base_epochs``), else of ``summaries``."""
-    rows = fair_summary_rows(summaries, seed)
-    base_rows = fair_summary_rows(base_summaries, seed) if base_summaries else rows
+    rows = fair_summary_rows(summaries, seed, in_budget)
+    base_rows = fair_summary_rows(base_summaries or summaries, seed)
     base = min(r["batch"] for r in base_rows)
     base_best = max(r["test_mean"] for r in base_rows if r["batch"] == base)
     base_epochs = ""
@@ -1054,13 +1131,17 @@ def fair_summary_table(
     return "\n".join(lines)
 
 
-def fair_runs_table(summaries: Sequence[dict]) -> str:
+def fair_runs_table(
+    summaries: Sequence[dict], in_budget: set[str] | None = None
+) -> str:
     """Markdown, one row per run: the held-out split's top-1 only (the test
-    set is shown for the chosen settings only, in ``fair_summary_table``)."""
+    set is shown for the chosen settings only, in ``fair_summary_table``),
+    and with ``in_budget`` whether the equal budget asked for the run."""
+    budget = "" if in_budget is None else " budget |"
     lines = [
         "| batch | optimizer | base LR | peak LR | warm-up (epochs) | seed "
-        "| val top-1 (%) | diverged? | wall (s) |",
-        "|---:|---|---:|---:|---:|---:|---:|---|---:|",
+        f"| val top-1 (%) | diverged? | wall (s) |{budget}",
+        "|---:|---|---:|---:|---:|---:|---:|---|---:|" + ("---|" if budget else ""),
     ]
     key = lambda s: (  # noqa: E731
         s["config"]["batch_size"],
@@ -1076,6 +1157,66 @@ def fair_runs_table(summaries: Sequence[dict]) -> str:
             f"| {s['peak_lr']:.4g} | {c['warmup_epochs']:g} | {c['seed']} "
             f"| {_percent(val_top1(s))} | {'yes' if s['diverged'] else 'no'} "
             f"| {s['wall_time_s']:.0f} |"
+            + ("" if in_budget is None else f" {_budget_word(s, in_budget)} |")
+        )
+    return "\n".join(lines)
+
+
+def _budget_word(summary: dict, in_budget: set[str]) -> str:
+    return "in" if summary["run_id"] in in_budget else "**outside**"
+
+
+def drop_table(rows: Sequence[dict], base_rows: Sequence[dict], base_note: str) -> str:
+    """Markdown: each larger batch's mean test top-1 against its own
+    optimizer's base-batch row (``RATE_ANCHOR``'s for an optimizer without
+    one), over every seed and over the fresh seeds alone."""
+    base_batch = min(r["batch"] for r in base_rows)
+    base = {r["optimizer"]: r for r in base_rows if r["batch"] == base_batch}
+    lines = [
+        "| batch | optimizer | test top-1 (%) | fresh seeds | base (optimizer) "
+        f"| base test top-1 (%){base_note} | drop | drop, fresh seeds |",
+        "|---:|---|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        own = base.get(r["optimizer"]) or base.get(RATE_ANCHOR.get(r["optimizer"]))
+        if r["batch"] == base_batch or own is None:
+            continue
+        fresh_drop = "-"
+        if r["fresh_mean"] is not None and own["fresh_mean"] is not None:
+            fresh_drop = f"{100 * (r['fresh_mean'] - own['fresh_mean']):+.2f}"
+        lines.append(
+            f"| {r['batch']} | {r['optimizer']} "
+            f"| {_percent(r['test_mean'])} ± {_percent(r['test_spread'])} "
+            f"| {_percent(r['fresh_mean']) if r['fresh_mean'] is not None else '-'} "
+            f"| {own['optimizer']} | {_percent(own['test_mean'])} "
+            f"| {100 * (r['test_mean'] - own['test_mean']):+.2f} "
+            f"| {fresh_drop} |"
+        )
+    return "\n".join(lines)
+
+
+def outside_budget_table(summaries: Sequence[dict], in_budget: set[str]) -> str:
+    """Markdown, one row per setting run outside the budget: its seed-0
+    held-out top-1 and its test top-1 over the seeds that ran it."""
+    settings = {}
+    for s in summaries:
+        if s["run_id"] not in in_budget:
+            settings.setdefault(_without_seed(s), []).append(s)
+    lines = [
+        "| batch | optimizer | epochs | base LR | peak LR | warm-up (epochs) "
+        "| val top-1, seed 0 (%) | test top-1 (%) | seeds |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for config, runs in sorted(settings.items(), key=lambda item: item[0].run_id):
+        seed0 = [s for s in runs if s["config"]["seed"] == 0]
+        mean, spread = mean_and_spread([s["final_test_top1"] for s in runs])
+        test = _percent(mean) + (f" ± {_percent(spread)}" if len(runs) > 1 else "")
+        lines.append(
+            f"| {config.batch_size} | {config.optimizer} | {config.epochs} "
+            f"| {config.base_lr:g} | {runs[0]['peak_lr']:.4g} "
+            f"| {config.warmup_epochs:g} "
+            f"| {_percent(val_top1(seed0[0])) if seed0 else '-'} "
+            f"| {test} | {len(runs)} |"
         )
     return "\n".join(lines)
 
@@ -1109,22 +1250,68 @@ def _base_elsewhere(group: list[dict], groups: dict) -> list[dict] | None:
     return base_runs(max(shorter, key=lambda other: other[0]["config"]["epochs"]))
 
 
-def write_fair_report(summaries: Sequence[dict], seed: int = 0) -> str:
-    """Markdown sections of the fair protocol's runs, per setting."""
+def write_fair_report(
+    summaries: Sequence[dict], seed: int = 0, in_budget: set[str] | None = None
+) -> str:
+    """Markdown sections of the fair protocol's runs, per setting. With
+    ``in_budget`` (``budget_run_ids``) the choices are made among those runs
+    only, each larger batch's drop against its own optimizer's base follows,
+    and the runs outside the budget get a table of their own."""
     groups = {}
     for summary in summaries:
         groups.setdefault(fair_setting_label(config_of(summary)), []).append(summary)
     sections = []
     for label, group in sorted(groups.items()):
+        elsewhere = _base_elsewhere(group, groups)
         sections += [
             f"## Fair protocol, {label}: chosen on the held-out split (seed "
             f"{seed}); test top-1 mean ± sample std over seeds",
-            fair_summary_table(group, seed, _base_elsewhere(group, groups)),
+            fair_summary_table(group, seed, elsewhere, in_budget),
+        ]
+        if in_budget is not None:
+            sections += _budget_sections(label, group, elsewhere, seed, in_budget)
+        sections += [
             f"## Fair protocol, {label}: every run ({len(group)} finished; "
             "held-out split only)",
-            fair_runs_table(group),
+            fair_runs_table(group, in_budget),
         ]
     return "\n\n".join(sections)
+
+
+def _budget_sections(
+    label: str,
+    group: list[dict],
+    elsewhere: list[dict] | None,
+    seed: int,
+    in_budget: set[str],
+) -> list[str]:
+    """The drop table against each optimizer's own base and the table of the
+    runs outside the budget, for one setting's ``group``."""
+    base_batch = config_of(group[0]).base_batch_size
+    base_runs = elsewhere or [
+        s for s in group if s["config"]["batch_size"] == base_batch
+    ]
+    if not base_runs:
+        return []
+    outside = any(s["run_id"] not in in_budget for s in base_runs)
+    epochs = base_runs[0]["config"]["epochs"]
+    note = f"; {epochs} epochs" + ("; outside the budget" if outside else "")
+    sections = [
+        f"## Fair protocol, {label}: drop against each optimizer's own base "
+        f"(in-budget choices; fresh seeds: all but seed {seed})",
+        drop_table(
+            fair_summary_rows(group, seed, in_budget),
+            fair_summary_rows(base_runs, seed),
+            note,
+        ),
+    ]
+    if any(s["run_id"] not in in_budget for s in group):
+        sections += [
+            f"## Fair protocol, {label}: settings run outside the budget "
+            "(in no choice above)",
+            outside_budget_table(group, in_budget),
+        ]
+    return sections
 
 
 # ----------------------------------------------------------------------------
@@ -1365,7 +1552,7 @@ def write_report(output_dir: str, report_dir: str, part: str, seed: int) -> str:
             runs_table(group),
         ]
     if fair:
-        sections.insert(0, write_fair_report(fair, seed))
+        sections.insert(0, write_fair_report(fair, seed, budget_run_ids(fair)))
     markdown = "\n\n".join(sections)
     with open(os.path.join(report_dir, f"{part}.md"), "w") as f:
         f.write(markdown + "\n")

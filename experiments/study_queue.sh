@@ -6,10 +6,13 @@
 # held-out split, the same budget for every optimizer); `sh
 # experiments/study_queue.sh old-protocol` reruns the first protocol's stages
 # (rates chosen on the test set; their results are committed).
+# STUDY_OUTPUT_DIR names the folder of the per-run JSONs (default: the
+# committed experiments/results, whose finished runs are then skipped).
 set -e
 cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-study="python -m experiments.large_batch_study"
+study="nice python -m experiments.large_batch_study"
+study="$study --output_dir=${STUDY_OUTPUT_DIR:-experiments/results}"
 
 if [ "${1:-}" = "old-protocol" ]; then
 precise_bn="--precise_bn --lars_base_lrs=0.0625,0.25,4"
