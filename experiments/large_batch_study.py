@@ -30,7 +30,8 @@ For a given seed both arms start from the same weights and see the same examples
 in the same order.
 
 Each finished run writes ``<output_dir>/runs/<run_id>.json`` (config, per-epoch
-test top-1, final and best top-1, diverged flag, wall time). Runs whose JSON exists
+test top-1, final and best top-1, diverged flag, wall time, and ``run_record``:
+commit, versions, command, budget). Runs whose JSON exists
 are skipped, so the grid can be stopped and restarted at any time; ``--report``
 rebuilds the markdown tables and PNG plots from the JSONs alone.
 
@@ -42,7 +43,10 @@ import functools
 import json
 import math
 import os
+import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -497,14 +501,53 @@ def recompute_bn_statistics(model, train_data, batches: int) -> None:
         layer.momentum = momentum
 
 
-def run_if_missing(config: RunConfig, output_dir: str, data_dir: str | None) -> bool:
-    """Trains ``config`` unless its JSON exists; True when it trained."""
+def _git(*args: str) -> str | None:
+    """Output of ``git args`` in the checkout, or None without git or a repository."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", REPO_ROOT, *args], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return result.stdout.strip()
+
+
+def run_record(command: Sequence[str], in_budget: bool | None) -> dict:
+    """What made a run, for its JSON: the checkout's commit and whether its
+    tracked files were unchanged, the Python, TensorFlow and Keras versions,
+    the command, and whether the command ran the equal budget's rule (True)
+    or a fixed setting outside it (False; None outside the fair protocol).
+    ``--report`` decides the budget by replaying the rule on every JSON."""
+    import keras
+    import tensorflow as tf
+
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_clean": None if status is None else status == "",
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "command": shlex.join(command),
+        "in_budget": in_budget,
+    }
+
+
+def run_if_missing(
+    config: RunConfig,
+    output_dir: str,
+    data_dir: str | None,
+    record: dict | None = None,
+) -> bool:
+    """Trains ``config`` unless its JSON exists; True when it trained. The
+    JSON holds the run's summary and ``record`` (``run_record``)."""
     path = run_path(output_dir, config)
     if os.path.exists(path):
         logging.info("skip %s (done)", config.run_id)
         return False
     logging.info("run %s (peak lr %g)", config.run_id, config.peak_lr)
     summary = train_one(config, data_dir)
+    summary.update(record or {})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = path + ".partial"
     with open(partial, "w") as f:
@@ -1587,6 +1630,11 @@ def count_trainable_params(model_name: str, part: str, data_dir: str | None) -> 
     return int(count)
 
 
+def _command() -> list[str]:
+    """This process's command line, as typed from the repository root."""
+    return ["python", "-m", "experiments.large_batch_study", *sys.argv[1:]]
+
+
 def main(argv: list[str]) -> None:
     del argv
     # Keras says this when the test set (of unknown length) ends, every time.
@@ -1647,6 +1695,7 @@ def run_study(settings: PartSettings) -> None:
     repeat_seeds = _part_value("repeat_seeds", settings, int)
     # The claim's batches first, with their repeats, so that a grid cut short
     # still answers the question; then the batches in between.
+    record = run_record(_command(), in_budget=None)
     first = claim_batches(c.batch_size for c in grid)
     claim_runs = [c for c in grid if c.batch_size in first]
     other_runs = [c for c in grid if c.batch_size not in first]
@@ -1674,18 +1723,18 @@ def run_study(settings: PartSettings) -> None:
         for batch in sorted({c.batch_size for c in configs}):
             batch_configs = [c for c in configs if c.batch_size == batch]
             for config in batch_configs:
-                run_if_missing(config, FLAGS.output_dir, data_dir)
+                run_if_missing(config, FLAGS.output_dir, data_dir, record)
             if not FLAGS.extend_grid:
                 continue
             summaries = load_summaries(FLAGS.output_dir)
             extension = lars_grid_extension(batch_configs, summaries)
             if extension is not None:
-                run_if_missing(extension, FLAGS.output_dir, data_dir)
+                run_if_missing(extension, FLAGS.output_dir, data_dir, record)
 
     run_batches(claim_runs)
     repeats = repeat_configs(grid, load_summaries(FLAGS.output_dir), repeat_seeds)
     for config in repeats:
-        run_if_missing(config, FLAGS.output_dir, data_dir)
+        run_if_missing(config, FLAGS.output_dir, data_dir, record)
     run_batches(other_runs)
     logging.info("all %d runs done", len(grid) + len(repeats))
 
@@ -1734,17 +1783,18 @@ def main_fair(settings: PartSettings, data_dir: str | None) -> None:
             done = os.path.exists(run_path(FLAGS.output_dir, config))
             print(f"  {'done' if done else '    '} {config.run_id}")
 
-    else:
-
-        def run(config: RunConfig) -> None:
-            run_if_missing(config, FLAGS.output_dir, data_dir)
-
     fixed = None
     if FLAGS.fixed_base_lr is not None:
         if FLAGS.warmup_epochs is None:
             print("--fixed_base_lr: needs --warmup_epochs", file=sys.stderr)
             sys.exit(2)
         fixed = (FLAGS.fixed_base_lr, FLAGS.warmup_epochs)
+    if not FLAGS.dry_run:
+        record = run_record(_command(), in_budget=fixed is None)
+
+        def run(config: RunConfig) -> None:
+            run_if_missing(config, FLAGS.output_dir, data_dir, record)
+
     chosen = run_fair_protocol(
         template,
         batch_sizes,

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -581,6 +582,74 @@ def test_tiny_fair_run_selects_on_held_out_split_and_tests_once(tmp_path):
     assert summary["final_val_top1_moving_bn"] == summary["val_top1_per_epoch"][0]
     for key in ("final_val_top1", "final_test_top1"):
         assert 0.0 <= summary[key] <= 1.0
+
+
+def _git_here(*args: str) -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(
+        ["git", "-C", root, *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(MNIST_DIR, "train-images-idx3-ubyte.gz")),
+    reason=f"MNIST IDX files not found in {MNIST_DIR} (set LARS_TF_DATA_DIR)",
+)
+def test_a_fixed_setting_run_records_its_software_command_and_budget(tmp_path):
+    """A --fixed_base_lr check, through the command line: its JSON names the
+    commit, the versions, the command, and that it is outside the budget."""
+    flags = [
+        "--fair",
+        "--precise_bn",
+        "--optimizers=lamb",
+        "--batch_sizes=64",
+        "--fixed_base_lr=0.004",
+        "--warmup_epochs=0.5",
+        "--epochs=1",
+        "--repeat_seeds=",
+        "--train_examples=128",
+        "--eval_examples=100",
+        f"--output_dir={tmp_path}",
+        f"--data_dir={train.shared_data_dir()}",
+    ]
+    status_before = _git_here("status", "--porcelain", "--untracked-files=no")
+    result = _run_study(*flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (summary,) = study.load_summaries(str(tmp_path))
+    assert summary["git_commit"] == _git_here("rev-parse", "HEAD")
+    if status_before == _git_here("status", "--porcelain", "--untracked-files=no"):
+        assert summary["git_clean"] is (status_before == "")
+    assert summary["python"] == platform.python_version()
+    import keras
+    import tensorflow as tf
+
+    assert (summary["tensorflow"], summary["keras"]) == (
+        tf.__version__,
+        keras.__version__,
+    )
+    command = "python -m experiments.large_batch_study " + " ".join(flags)
+    assert summary["command"] == command
+    assert summary["in_budget"] is False
+
+
+def test_a_run_of_the_budget_rule_records_that_it_is_inside(tmp_path, monkeypatch):
+    config = dataclasses.replace(_fair_template(), base_lr=0.05, warmup_epochs=1.0)
+    monkeypatch.setattr(
+        study,
+        "train_one",
+        lambda config, data_dir: {
+            "run_id": config.run_id,
+            "final_val_top1": 0.5,
+            "diverged": False,
+            "wall_time_s": 1.0,
+        },
+    )
+    record = study.run_record(["python", "-m", "experiments.large_batch_study"], True)
+    assert study.run_if_missing(config, str(tmp_path), None, record)
+    (summary,) = study.load_summaries(str(tmp_path))
+    assert summary["in_budget"] is True
+    assert summary["command"] == "python -m experiments.large_batch_study"
+    assert summary["git_commit"] == _git_here("rev-parse", "HEAD")
 
 
 @pytest.mark.parametrize("image_size, side", [(32, 37), (64, 74), (224, 256)])
