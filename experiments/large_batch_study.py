@@ -2,38 +2,31 @@
 
 The paper (You, Gitman & Ginsburg 2017) claims that linear learning-rate scaling
 with warm-up loses accuracy as the batch grows, while LARS keeps it. This script
-checks the claim on MNIST (and on Imagenette downscaled to 64x64) with the small
-AlexNet-BN-like net of ``train/models.py``::
+tests the claim on MNIST and on Imagenette at 32x32 with the small nets of
+``train/models.py`` (STUDY.md has the protocol and the results)::
 
-    python -m experiments.large_batch_study                    # the MNIST grid
-    python -m experiments.large_batch_study --part=imagenette  # the second table
-    python -m experiments.large_batch_study --report           # tables and plots
-    python -m experiments.large_batch_study --dry_run          # list the runs
     python -m experiments.large_batch_study --fair --precise_bn --batch_sizes=128,8192
+    python -m experiments.large_batch_study --fair --precise_bn --dry_run  # pending
+    python -m experiments.large_batch_study --report                      # tables
 
-``--fair`` is the protocol the study's conclusions rest on: a fixed 10% of
-the training set (MNIST's, or Imagenette's with ``--part=imagenette32`` or
-``imagenette``) is held out, every optimizer's rate and warm-up is chosen on
-it with the same budget (``select_on_validation``; above the base batch the
-rates span square-root to linear scaling), the chosen setting is repeated over
-seeds, and the test set is read once per run, at its end. The rest of this
-docstring describes the first protocol, kept for its recorded runs.
-
-Every run trains for the same number of epochs with the same schedule: the peak
-rate is ``base_lr * batch / base_batch`` (linear scaling), reached by a linear
-warm-up of ``--warmup_epochs`` from 0 and then decayed to 0 by poly(2). SGD is
-Keras's momentum SGD with one base rate for every batch (the rate a user tuned at
-the base batch); LARS (``lars_tf.LARS``, the paper's Algorithm 1: every variable
-adapted) gets the best of a small grid of base rates at each batch. Neither uses
-weight decay, so the only difference between the two arms is the trust ratio.
-For a given seed both arms start from the same weights and see the same examples
-in the same order.
+``--fair``: a fixed 10% of the training set (MNIST's, or Imagenette's with
+``--part=imagenette32`` or ``imagenette``) is held out, every optimizer's rate
+and warm-up is chosen on it with the same budget (``select_on_validation``;
+above the base batch the rates span square-root to linear scaling of the base
+batch's choice), the chosen setting is repeated over seeds, and the test set is
+read once per run, at its end. The schedule is a linear warm-up from 0 to the
+peak rate ``base_lr * batch / base_batch``, then poly(2) decay to 0; no weight
+decay. For a given seed every optimizer starts from the same weights and sees
+the same examples in the same order.
 
 Each finished run writes ``<output_dir>/runs/<run_id>.json`` (config, per-epoch
-test top-1, final and best top-1, diverged flag, wall time, and ``run_record``:
-commit, versions, command, budget). Runs whose JSON exists
-are skipped, so the grid can be stopped and restarted at any time; ``--report``
-rebuilds the markdown tables and PNG plots from the JSONs alone.
+held-out top-1, final held-out and test top-1, diverged flag, wall time, and
+``run_record``: commit, versions, command, budget). Runs whose JSON exists are
+skipped, so the study can be stopped and restarted at any time; ``--report``
+rebuilds the markdown tables from the JSONs alone, with the budget replayed on
+them (``budget_run_ids``). The JSONs of the study's first protocol (LARS's rate
+chosen on the test set, ids without ``_val``) are tabled and plotted by
+``--report`` too; their runner is gone (git history has it).
 
 Matplotlib is needed for ``--report`` only (``pip install lars-tf[study]``).
 """
@@ -85,9 +78,6 @@ class PartSettings:
     base_batch_size: int  # The batch the base rates refer to.
     batch_sizes: tuple[int, ...]
     epochs: int
-    warmup_epochs: float
-    sgd_base_lr: float
-    lars_base_lrs: tuple[float, ...]
     repeat_seeds: tuple[int, ...]
 
 
@@ -100,9 +90,6 @@ PART_SETTINGS = {
         base_batch_size=128,
         batch_sizes=(128, 512, 2048, 4096, 8192),
         epochs=3,
-        warmup_epochs=1.0,
-        sgd_base_lr=0.05,
-        lars_base_lrs=(0.25, 1.0, 4.0),
         repeat_seeds=(1, 2),
     ),
     # 9,469 training images: batch 2048 is 4 steps an epoch, 32x the base.
@@ -114,9 +101,6 @@ PART_SETTINGS = {
         base_batch_size=64,
         batch_sizes=(64, 2048),
         epochs=10,
-        warmup_epochs=2.0,
-        sgd_base_lr=0.025,
-        lars_base_lrs=(0.125, 0.5, 2.0),
         repeat_seeds=(),
     ),
 }
@@ -179,17 +163,18 @@ def define_flags() -> None:
         "base_batch_size", None, "Batch the base rates refer to; default per part."
     )
     flags.DEFINE_integer("epochs", None, "Epochs of every run; default per part.")
-    flags.DEFINE_float("warmup_epochs", None, "Linear warm-up; default per part.")
-    flags.DEFINE_float("sgd_base_lr", None, "SGD rate at the base batch.")
-    flags.DEFINE_list("lars_base_lrs", None, "LARS base rates tried at every batch.")
+    flags.DEFINE_float(
+        "warmup_epochs",
+        None,
+        "The only warm-up tried (epochs); default the part's WARMUP_CHOICES.",
+    )
     flags.DEFINE_float("momentum", 0.9, "Momentum of both optimizers.")
     flags.DEFINE_float("trust_coefficient", 0.001, "LARS trust coefficient (eta).")
-    flags.DEFINE_integer("seed", 0, "Seed of the grid.")
+    flags.DEFINE_integer("seed", 0, "Seed of the selection runs.")
     flags.DEFINE_list(
         "repeat_seeds",
         None,
-        "Extra seeds for the base, 32x-base and largest batch (LARS at its best "
-        "rate); default per part.",
+        "Seeds the chosen setting runs again with; default per part.",
     )
     flags.DEFINE_integer(
         "train_examples", None, "Train on this many examples per epoch (smoke runs)."
@@ -202,12 +187,6 @@ def define_flags() -> None:
         False,
         "Test with BN statistics recomputed on training batches after training "
         "(the moving averages' result is kept as final_top1_moving_bn).",
-    )
-    flags.DEFINE_bool(
-        "extend_grid",
-        True,
-        "Try one more LARS rate past the grid's edge when a batch's best rate "
-        "lies on it (--noextend_grid: exactly the rates given).",
     )
     flags.DEFINE_bool(
         "fair",
@@ -245,7 +224,7 @@ def define_flags() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """One training run of the grid; its fields identify it."""
+    """One training run of the study; its fields identify it."""
 
     part: str
     model: str
@@ -256,7 +235,7 @@ class RunConfig:
     epochs: int
     warmup_epochs: float
     seed: int
-    # Trainable parameters of the model when the grid started: a changed model in
+    # Trainable parameters of the model when the study started: a changed model in
     # train/models.py gives new run ids instead of silently mixing two nets.
     model_params: int = 0
     momentum: float = 0.9
@@ -386,7 +365,7 @@ def train_one(config: RunConfig, data_dir: str | None) -> dict:
     params = sum(math.prod(v.shape) for v in model.trainable_variables)
     if config.model_params and params != config.model_params:
         raise RuntimeError(
-            f"{config.model} has {params} trainable parameters, the grid was set "
+            f"{config.model} has {params} trainable parameters, the study was set "
             f"up for {config.model_params}: train/models.py changed; restart"
         )
     train_steps = config.epochs * steps_per_epoch
@@ -563,112 +542,6 @@ def run_if_missing(
         summary["wall_time_s"],
     )
     return True
-
-
-# ----------------------------------------------------------------------------
-# The grid
-
-
-def grid_configs(
-    part: str,
-    model: str,
-    batch_sizes: Sequence[int],
-    base_batch_size: int,
-    epochs: int,
-    warmup_epochs: float,
-    sgd_base_lr: float,
-    lars_base_lrs: Sequence[float],
-    seed: int,
-    **run_fields,
-) -> list[RunConfig]:
-    """The seed-``seed`` grid: for each batch (increasing), SGD at
-    ``sgd_base_lr`` then LARS at each of ``lars_base_lrs``."""
-    ordered = sorted(set(batch_sizes))
-    shared = dict(
-        part=part,
-        model=model,
-        base_batch_size=base_batch_size,
-        epochs=epochs,
-        warmup_epochs=warmup_epochs,
-        seed=seed,
-        **run_fields,
-    )
-    configs = []
-    for batch in ordered:
-        configs.append(
-            RunConfig(optimizer="sgd", batch_size=batch, base_lr=sgd_base_lr, **shared)
-        )
-        for lr in lars_base_lrs:
-            configs.append(
-                RunConfig(optimizer="lars", batch_size=batch, base_lr=lr, **shared)
-            )
-    return configs
-
-
-def best_lars_lr(summaries: Iterable[dict], config: RunConfig) -> float | None:
-    """The LARS base rate with the best final top-1 among finished runs that
-    differ from ``config`` only in their base rate; None when there are none."""
-    candidates = [
-        s
-        for s in summaries
-        if s["config"]["optimizer"] == "lars"
-        and dataclasses.replace(config_of(s), base_lr=config.base_lr) == config
-    ]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda s: s["final_top1"])["config"]["base_lr"]
-
-
-def lars_grid_extension(
-    batch_configs: Sequence[RunConfig], summaries: list[dict]
-) -> RunConfig | None:
-    """One more LARS rate for a batch whose best grid rate lies on the grid's
-    edge: one grid step (the ratio of the two lowest rates, else 4) beyond it.
-
-    ``batch_configs`` are one batch's grid runs (all finished); None when the
-    best rate is inside the grid or there is no LARS run.
-    """
-    lars = sorted(
-        (c for c in batch_configs if c.optimizer == "lars"), key=lambda c: c.base_lr
-    )
-    if not lars:
-        return None
-    best = best_lars_lr(summaries, lars[0])
-    step = lars[1].base_lr / lars[0].base_lr if len(lars) > 1 else 4.0
-    if best == lars[0].base_lr:
-        return dataclasses.replace(lars[0], base_lr=best / step)
-    if best == lars[-1].base_lr:
-        return dataclasses.replace(lars[0], base_lr=best * step)
-    return None
-
-
-def claim_batches(batch_sizes: Iterable[int]) -> set[int]:
-    """The batches the paper's claim is about: the base, 32x the base (when in
-    the grid) and the largest. They run first and are repeated over seeds."""
-    batch_sizes = set(batch_sizes)
-    base = min(batch_sizes)
-    return {base, max(batch_sizes)} | ({32 * base} & batch_sizes)
-
-
-def repeat_configs(
-    grid: Sequence[RunConfig], summaries: list[dict], repeat_seeds: Sequence[int]
-) -> list[RunConfig]:
-    """The claim's batches (``claim_batches``) again over ``repeat_seeds``: SGD
-    at its rate, LARS at the best rate of the grid's seed (needs those runs)."""
-    repeated = claim_batches(c.batch_size for c in grid)
-    configs = []
-    for seed in repeat_seeds:
-        for batch in sorted(repeated):
-            at_batch = [c for c in grid if c.batch_size == batch]
-            for config in at_batch:
-                if config.optimizer == "sgd":
-                    configs.append(dataclasses.replace(config, seed=seed))
-            lars = [c for c in at_batch if c.optimizer == "lars"]
-            # The best rate may be a grid extension (lars_grid_extension).
-            best = best_lars_lr(summaries, lars[0]) if lars else None
-            if best is not None:
-                configs.append(dataclasses.replace(lars[0], base_lr=best, seed=seed))
-    return configs
 
 
 # ----------------------------------------------------------------------------
@@ -1652,6 +1525,13 @@ def main(argv: list[str]) -> None:
     if fair_only and not FLAGS.fair:
         print(f"--{fair_only[0]}: works with --fair only", file=sys.stderr)
         sys.exit(2)
+    if not FLAGS.fair:
+        print(
+            "--fair: needed to run (the first protocol's runs are recorded; "
+            "--report tables them)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     import train
 
     try:
@@ -1665,78 +1545,14 @@ def main(argv: list[str]) -> None:
 
 
 def run_study(settings: PartSettings) -> None:
-    """Runs (or with --dry_run lists) the part's grid or, with --fair, the fair
-    protocol; finished runs are skipped."""
+    """Runs (or with --dry_run lists) the fair protocol; finished runs are
+    skipped."""
     import train
 
     data_dir = FLAGS.part_data_dir or default_part_data_dir(
         FLAGS.part, FLAGS.data_dir or train.shared_data_dir()
     )
-    if FLAGS.fair:
-        main_fair(settings, data_dir)
-        return
-    grid = grid_configs(
-        part=FLAGS.part,
-        model=FLAGS.model,
-        batch_sizes=_part_value("batch_sizes", settings, int),
-        base_batch_size=_part_value("base_batch_size", settings),
-        epochs=_part_value("epochs", settings),
-        warmup_epochs=_part_value("warmup_epochs", settings),
-        sgd_base_lr=_part_value("sgd_base_lr", settings),
-        lars_base_lrs=_part_value("lars_base_lrs", settings, float),
-        seed=FLAGS.seed,
-        model_params=count_trainable_params(FLAGS.model, FLAGS.part, data_dir),
-        momentum=FLAGS.momentum,
-        trust_coefficient=FLAGS.trust_coefficient,
-        train_examples=FLAGS.train_examples,
-        eval_examples=FLAGS.eval_examples,
-        precise_bn=FLAGS.precise_bn,
-    )
-    repeat_seeds = _part_value("repeat_seeds", settings, int)
-    # The claim's batches first, with their repeats, so that a grid cut short
-    # still answers the question; then the batches in between.
-    record = run_record(_command(), in_budget=None)
-    first = claim_batches(c.batch_size for c in grid)
-    claim_runs = [c for c in grid if c.batch_size in first]
-    other_runs = [c for c in grid if c.batch_size not in first]
-    if FLAGS.dry_run:
-        done = lambda c: os.path.exists(run_path(FLAGS.output_dir, c))  # noqa: E731
-        print(f"{sum(map(done, grid))} of {len(grid)} grid runs done. In order:")
-        for config in claim_runs:
-            print(f"  {'done' if done(config) else '    '} {config.run_id}")
-        extension = (
-            "each batch: + one LARS rate past the grid's edge when the best is on it; "
-            if FLAGS.extend_grid
-            else ""
-        )
-        print(
-            f"  ({extension}then seeds {list(repeat_seeds)} of batches "
-            f"{sorted(first)} (LARS at its best rate), then:"
-        )
-        for config in other_runs:
-            print(f"  {'done' if done(config) else '    '} {config.run_id}")
-        return
-
-    def run_batches(configs: list[RunConfig]) -> None:
-        """Each batch's grid, then its LARS grid extension if the best is on
-        an edge."""
-        for batch in sorted({c.batch_size for c in configs}):
-            batch_configs = [c for c in configs if c.batch_size == batch]
-            for config in batch_configs:
-                run_if_missing(config, FLAGS.output_dir, data_dir, record)
-            if not FLAGS.extend_grid:
-                continue
-            summaries = load_summaries(FLAGS.output_dir)
-            extension = lars_grid_extension(batch_configs, summaries)
-            if extension is not None:
-                run_if_missing(extension, FLAGS.output_dir, data_dir, record)
-
-    run_batches(claim_runs)
-    repeats = repeat_configs(grid, load_summaries(FLAGS.output_dir), repeat_seeds)
-    for config in repeats:
-        run_if_missing(config, FLAGS.output_dir, data_dir, record)
-    run_batches(other_runs)
-    logging.info("all %d runs done", len(grid) + len(repeats))
+    main_fair(settings, data_dir)
 
 
 def main_fair(settings: PartSettings, data_dir: str | None) -> None:

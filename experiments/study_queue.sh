@@ -2,10 +2,8 @@
 # Every stage of the large-batch study (STUDY.md), in order. Each stage skips the
 # runs it finished before, so rerunning this script after an interruption resumes
 # where it stopped:  nohup sh experiments/study_queue.sh > study.log 2>&1 &
-# With no argument it runs the fair protocol (every rate and warm-up chosen on a
-# held-out split, the same budget for every optimizer); `sh
-# experiments/study_queue.sh old-protocol` reruns the first protocol's stages
-# (rates chosen on the test set; their results are committed).
+# It runs the fair protocol: every rate and warm-up chosen on a held-out split,
+# the same budget for every optimizer (STUDY.md).
 # STUDY_OUTPUT_DIR names the folder of the per-run JSONs (default: the
 # committed experiments/results, whose finished runs are then skipped).
 set -e
@@ -13,44 +11,6 @@ cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 study="nice python -m experiments.large_batch_study"
 study="$study --output_dir=${STUDY_OUTPUT_DIR:-experiments/results}"
-
-if [ "${1:-}" = "old-protocol" ]; then
-precise_bn="--precise_bn --lars_base_lrs=0.0625,0.25,4"
-
-# 1. The MNIST grid with the BN net, 3 epochs: first the claim's batches (128, 32x
-#    and 64x) with 3 seeds each.
-$study --batch_sizes=128,4096,8192
-# 2. How much of the large-batch loss is BN's lagging moving averages (8192 is 21
-#    steps)? The claim's batches again, tested with recomputed BN statistics.
-$study $precise_bn --batch_sizes=128,4096,8192
-# 3. The batches in between (same run ids as in 1: the finished ones are skipped).
-$study
-$study $precise_bn
-# 4. Is the BN net's result a matter of too few steps? Base and 32x batch, 10 epochs.
-$study $precise_bn --epochs=10 --warmup_epochs=2 --batch_sizes=128,4096 \
-    --repeat_seeds=
-# 5. The claim's batches without BN.
-$study --model=small_alexnet --batch_sizes=128,4096,8192
-# 6. Imagenette at 64x64 (needs runs/imagenette_records: STUDY.md, "Commands"):
-#    the LARS grid at 32x the base batch first, then at the base batch one
-#    rate and the grid step below it (a 10-epoch run takes about 3 minutes).
-$study --part=imagenette --precise_bn --batch_sizes=2048
-$study --part=imagenette --precise_bn --batch_sizes=64 --lars_base_lrs=2
-# 7. The rest of the Imagenette grid, then seed 1 of its base and 32x batches.
-$study --part=imagenette --precise_bn --repeat_seeds=1
-# 8. Is Imagenette's 32x gap a matter of steps? 30 epochs: SGD at both batches,
-#    LARS at 32x at its best 10-epoch rate.
-$study --part=imagenette --precise_bn --epochs=30 --batch_sizes=2048 \
-    --lars_base_lrs=0.5 --noextend_grid
-$study --part=imagenette --precise_bn --epochs=30 --batch_sizes=64 \
-    --lars_base_lrs= --noextend_grid
-# 9. Without BN, is LARS's gap at 32x a matter of steps? Base and 32x, 10 epochs.
-$study --model=small_alexnet --epochs=10 --warmup_epochs=2 --batch_sizes=128,4096 \
-    --repeat_seeds=
-# 10. The batches in between without BN.
-$study --model=small_alexnet
-exit 0
-fi
 
 # The fair protocol, MNIST with the BN net, 3 epochs, BN statistics recomputed
 # after training. Per batch and optimizer: 3 rates at 1 warm-up epoch (at the

@@ -87,6 +87,15 @@ def test_fair_only_flag_without_fair_is_a_one_line_usage_error(flag):
     assert result.stderr.strip().splitlines() == [f"{name}: works with --fair only"]
 
 
+def test_running_without_fair_is_a_one_line_usage_error():
+    result = _run_study("--dry_run")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "--fair: needed to run (the first protocol's runs are recorded; "
+        "--report tables them)"
+    ]
+
+
 def test_missing_imagenette_records_are_a_one_line_usage_error(tmp_path):
     result = _run_study(
         "--fair", "--part=imagenette32", f"--part_data_dir={tmp_path}", "--dry_run"
@@ -207,75 +216,6 @@ def test_recomputed_bn_statistics_average_the_batch_statistics():
         layer.moving_variance.numpy(), batches.var(axis=1).mean(axis=0), rtol=1e-4
     )
     assert layer.momentum == 0.9  # Restored.
-
-
-def test_repeats_use_sgd_and_the_best_lars_rate_at_both_ends():
-    grid = study.grid_configs(
-        part="mnist",
-        model="small_alexnet_bn",
-        batch_sizes=[128, 512, 4096],
-        base_batch_size=128,
-        epochs=2,
-        warmup_epochs=1.0,
-        sgd_base_lr=0.05,
-        lars_base_lrs=[0.5, 2.0],
-        seed=0,
-        model_params=10,
-    )
-    assert len(grid) == 9  # 3 batches x (1 SGD + 2 LARS rates)
-    summaries = [
-        _summary("lars", 128, 0.5, 0, 0.97),
-        _summary("lars", 128, 2.0, 0, 0.99),
-        _summary("lars", 4096, 0.5, 0, 0.95),
-        _summary("lars", 4096, 2.0, 0, 0.90),
-        _summary("lars", 4096, 0.125, 0, 0.96),  # A grid extension, the best.
-    ]
-    repeats = study.repeat_configs(grid, summaries, [1, 2])
-    picked = sorted((c.seed, c.batch_size, c.optimizer, c.base_lr) for c in repeats)
-    assert picked == [
-        (1, 128, "lars", 2.0),
-        (1, 128, "sgd", 0.05),
-        (1, 4096, "lars", 0.125),
-        (1, 4096, "sgd", 0.05),
-        (2, 128, "lars", 2.0),
-        (2, 128, "sgd", 0.05),
-        (2, 4096, "lars", 0.125),
-        (2, 4096, "sgd", 0.05),
-    ]
-
-
-@pytest.mark.parametrize(
-    "best_rate, extension", [(0.25, 0.0625), (1.0, None), (4.0, 16.0)]
-)
-def test_lars_grid_extends_one_step_past_an_edge_best(best_rate, extension):
-    grid = study.grid_configs(
-        part="mnist",
-        model="small_alexnet_bn",
-        batch_sizes=[8192],
-        base_batch_size=128,
-        epochs=2,
-        warmup_epochs=1.0,
-        sgd_base_lr=0.05,
-        lars_base_lrs=[0.25, 1.0, 4.0],
-        seed=0,
-        model_params=10,
-    )
-    summaries = [
-        _summary("lars", 8192, rate, 0, 0.9 if rate == best_rate else 0.5)
-        for rate in (0.25, 1.0, 4.0)
-    ]
-    summaries.append(_summary("sgd", 8192, 0.05, 0, 0.95))  # SGD does not count.
-    config = study.lars_grid_extension(grid, summaries)
-    if extension is None:
-        assert config is None
-    else:
-        assert config == dataclasses.replace(grid[1], base_lr=extension)
-
-
-def test_claim_batches_are_base_32x_base_and_largest():
-    assert study.claim_batches([128, 512, 2048, 4096, 8192]) == {128, 4096, 8192}
-    assert study.claim_batches([64, 2048]) == {64, 2048}
-    assert study.claim_batches([128, 256, 512]) == {128, 512}
 
 
 def test_summary_table_reports_mean_and_sample_std_over_seeds():
