@@ -147,7 +147,10 @@ class LearningRateWarmup(StepCounter):
         optimizer = inner_optimizer(self.model)
         current = optimizer._learning_rate  # Keras keeps no public accessor.
         if isinstance(current, keras.optimizers.schedules.LearningRateSchedule):
-            if not isinstance(current, ScheduleWithWarmup):
+            # A bare ScheduleWithWarmup is warmed up already (this callback's,
+            # or one saved with the model); its subclasses, the named decays,
+            # are wrapped like any schedule.
+            if type(current) is not ScheduleWithWarmup:
                 self._schedule = ScheduleWithWarmup(
                     current, self.warmup_steps, self.initial_learning_rate
                 )

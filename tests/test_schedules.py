@@ -1,5 +1,6 @@
 """lars_tf.schedules against hand-computed values and a float64 NumPy reference."""
 
+import json
 import math
 
 import keras
@@ -11,6 +12,7 @@ from lars_tf.schedules import (
     ScheduleWithWarmup,
     WarmupCosineDecay,
     WarmupPolynomialDecay,
+    WarmupStepDecay,
     linear_warmup,
     scaled_learning_rate,
 )
@@ -209,3 +211,130 @@ def test_numpy_scalars_are_accepted():
 def test_non_finite_power_is_rejected(power):
     with pytest.raises(ValueError, match=r"`power` must be a finite number > 0"):
         WarmupPolynomialDecay(1.0, decay_steps=10, power=power)
+
+
+# Configs as the schedules' earlier classes saved them (a `.keras` file's
+# config.json holds these dicts); they must load and give the same rates.
+SAVED_POLY = (
+    '{"module": "lars_tf.schedules", "class_name": "WarmupPolynomialDecay", '
+    '"config": {"peak_learning_rate": 2.0, "decay_steps": 10, "warmup_steps": 4, '
+    '"initial_learning_rate": 0.4, "end_learning_rate": 0.1, '
+    '"name": "WarmupPolynomialDecay", "power": 2.0}, '
+    '"registered_name": "lars_tf>WarmupPolynomialDecay"}'
+)
+SAVED_COSINE = (
+    '{"module": "lars_tf.schedules", "class_name": "WarmupCosineDecay", '
+    '"config": {"peak_learning_rate": 1.0, "decay_steps": 6, "warmup_steps": 2, '
+    '"initial_learning_rate": 0.0, "end_learning_rate": 0.0, '
+    '"name": "WarmupCosineDecay"}, "registered_name": "lars_tf>WarmupCosineDecay"}'
+)
+SAVED_WRAPPER = (
+    '{"module": "lars_tf.schedules", "class_name": "ScheduleWithWarmup", '
+    '"config": {"schedule": {"module": "keras.optimizers.schedules", '
+    '"class_name": "PiecewiseConstantDecay", "config": {"boundaries": [5], '
+    '"values": [1.0, 0.5], "name": "PiecewiseConstant"}, "registered_name": null}, '
+    '"warmup_steps": 4, "initial_learning_rate": 0.2}, '
+    '"registered_name": "lars_tf>ScheduleWithWarmup"}'
+)
+
+
+@pytest.mark.parametrize(
+    "saved, cls, steps, want",
+    [
+        (SAVED_POLY, WarmupPolynomialDecay, [0, 3, 4, 5, 10],
+         [0.4, 0.4 + 1.6 * 3 / 4, 2.0, 1.9 * (5 / 6) ** 2 + 0.1, 0.1]),
+        (SAVED_COSINE, WarmupCosineDecay, [1, 2, 4, 6], [0.5, 1.0, 0.5, 0.0]),
+        (SAVED_WRAPPER, ScheduleWithWarmup, [0, 2, 4, 6], [0.2, 0.6, 1.0, 0.5]),
+    ],
+)  # fmt: skip
+def test_earlier_saved_configs_load(saved, cls, steps, want):
+    schedule = keras.optimizers.schedules.deserialize(json.loads(saved))
+    assert type(schedule) is cls
+    got = [_rate(schedule, s) for s in steps]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_warmup_to_a_target_starts_the_schedule_after_it():
+    # Ramp 0.1 -> 1.0 over 3 steps, then PolynomialDecay(1.0 -> 0, 4 steps, power 1)
+    # from step 3: 1.0, 0.75, 0.5, 0.25, 0.0, 0.0.
+    inner = keras.optimizers.schedules.PolynomialDecay(1.0, 4, 0.0, power=1.0)
+    schedule = ScheduleWithWarmup(inner, 3, 0.1, warmup_target=1.0)
+    want = [0.1, 0.4, 0.7, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    got = [_rate(schedule, s) for s in range(9)]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="`warmup_target`"):
+        ScheduleWithWarmup(inner, 3, warmup_target=-1.0)
+
+
+@pytest.mark.parametrize("warmup, total", [(8, 40), (5, 5), (0, 12)])
+def test_cosine_with_an_end_rate_matches_numpy(warmup, total):
+    schedule = WarmupCosineDecay(0.8, total, warmup, 0.05, end_learning_rate=0.1)
+    steps = np.arange(total + 3)
+    got = np.array([_rate(schedule, int(s)) for s in steps])
+    want = _numpy_cosine(steps, 0.8, total, warmup, 0.05, 0.1)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_cosine_needs_a_peak_to_decay_from():
+    with pytest.raises(ValueError, match="`end_learning_rate`"):
+        WarmupCosineDecay(0.0, decay_steps=10, end_learning_rate=0.1)
+    assert _rate(WarmupCosineDecay(0.0, decay_steps=10), 5) == 0.0
+
+
+def test_step_decay_hand_computed():
+    # Boundary 2 lies inside the warm-up: the ramp still reaches the peak, and
+    # from step 4 on two boundaries (2 and 6 at step 6) have passed.
+    schedule = WarmupStepDecay(2.0, [2, 6, 6], decay_factor=0.5, warmup_steps=4)
+    got = [_rate(schedule, s) for s in range(9)]
+    want = [0.0, 0.5, 1.0, 1.5, 1.0, 1.0, 0.25, 0.25, 0.25]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    constant = WarmupStepDecay(0.3, [], warmup_steps=2)
+    np.testing.assert_allclose(
+        [_rate(constant, s) for s in range(5)], [0.0, 0.15, 0.3, 0.3, 0.3], rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(peak_learning_rate=-1.0), "peak_learning_rate"),
+        (dict(boundaries=[5, 3]), "boundaries"),
+        (dict(boundaries=[-1]), "boundaries"),
+        (dict(boundaries=[2.5]), "boundaries"),
+        (dict(decay_factor=0.0), "decay_factor"),
+        (dict(decay_factor=1.5), "decay_factor"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+    ],
+)
+def test_bad_step_decay_arguments_name_the_argument(kwargs, argument):
+    arguments = {"peak_learning_rate": 1.0, "boundaries": [10], **kwargs}
+    with pytest.raises(ValueError, match=f"`{argument}`") as error:
+        WarmupStepDecay(**arguments)
+    assert "\n" not in str(error.value)
+
+
+def _sgd_with_schedule_saved_after(steps, schedule, path):
+    """A tiny model trained `steps` steps with SGD on `schedule`, saved, loaded."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.SGD(schedule), loss="mse")
+    model.fit(np.ones((steps, 3)), np.zeros((steps, 2)), batch_size=1, verbose=0)
+    model.save(path)
+    return keras.saving.load_model(path).optimizer
+
+
+@pytest.mark.parametrize(
+    "schedule, want",
+    [
+        # 3 steps done: cos-decay of 1.0 to 0.2 from step 1 over 4 steps, at 2/4.
+        (WarmupCosineDecay(1.0, 5, 1, end_learning_rate=0.2), 0.2 + 0.8 * 0.5),
+        (WarmupStepDecay(1.0, [3], 0.1, warmup_steps=2), 0.1),
+        (ScheduleWithWarmup(keras.optimizers.schedules.PolynomialDecay(
+            1.0, 4, 0.0, power=1.0), 2, warmup_target=0.8), 0.75),
+    ],
+)  # fmt: skip
+def test_every_schedule_survives_a_keras_save(schedule, want, tmp_path):
+    optimizer = _sgd_with_schedule_saved_after(3, schedule, tmp_path / "m.keras")
+    restored = optimizer._learning_rate
+    assert type(restored) is type(schedule)
+    assert restored.get_config() == schedule.get_config()
+    assert float(optimizer.learning_rate) == pytest.approx(want, rel=1e-6)
