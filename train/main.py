@@ -30,8 +30,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, but any error is one line on stderr and exit status 2."""
     try:
         return flags.FLAGS(argv)
-    except flags.Error as error:
-        _fail(error, 2)
+    except flags.CantOpenFlagFileError as error:  # absl's text starts "ERROR:: ".
+        _fail(str(error).removeprefix("ERROR:: "), 2)
+    except flags.Error as error:  # A line per flag that fails its validator.
+        _fail("; ".join(str(error).splitlines()), 2)
 
 
 def main(argv: list[str]) -> None:
