@@ -1,9 +1,13 @@
-"""The optimizer, its learning-rate schedule and the weight-decay term of a Config.
+"""The optimizer, its learning-rate schedule and the weight-decay term of a run.
+
+`make_schedule` and `make_optimizer` take plain arguments, so any program that
+trains (the app, a study) builds its optimizer the same way; `build_optimizer`
+and `learning_rate_schedule` call them with a Config's fields.
 
 The learning rate is the peak rate (the base rate scaled to the global batch,
 decided in `train/config.py`), reached by a linear warm-up from 0 and then
-decayed (`--lr_schedule`): poly of `--poly_power` and cosine come from
-`lars_tf`, the step schedule is below.
+decayed (`--lr_schedule`): poly of `--poly_power`, cosine, or a step decay at
+`--lr_decay_epochs`, all from `lars_tf.schedules`.
 
 Weight decay is applied once, where each optimizer expects it: coupled inside
 LARS (it enters the trust ratio), as the L2 loss term `wd/2 * sum ||w||^2` for
@@ -12,116 +16,145 @@ SGD (the tensorflow/tpu ResNet reference), and decoupled for Lamb and AdamW
 normalization parameters are neither decayed nor (for LARS) adapted.
 """
 
+from collections.abc import Callable, Sequence
+
 import keras
 from keras import ops
 
 import lars_tf
-from train.config import Config
+from lars_tf.schedules import WarmupCosineDecay, WarmupPolynomialDecay, WarmupStepDecay
+from train.config import OPTIMIZERS, SCHEDULES, Config
 
 
-class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to a peak rate, then a factor `decay_factor` at each boundary.
+def make_schedule(
+    kind: str,
+    peak_learning_rate: float,
+    train_steps: int,
+    warmup_steps: int,
+    *,
+    end_learning_rate: float = 0.0,
+    power: float = 2.0,
+    boundaries: Sequence[int] = (),
+    decay_factor: float = 0.1,
+) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Warm-up from 0 to `peak_learning_rate`, then the decay `kind`.
 
-    The warm-up is `lars_tf.linear_warmup` from 0: step `t < warmup_steps`
-    has rate `peak * t / warmup_steps`; from `warmup_steps` on the rate is
-    `peak * decay_factor ** (number of boundaries <= t)`.
+    `"poly"` (of `power`) and `"cosine"` reach `end_learning_rate` at
+    `train_steps`; `"step"` multiplies the rate by `decay_factor` at each of
+    `boundaries` (absolute steps) and does not depend on `train_steps`.
     """
-
-    def __init__(
-        self,
-        peak_learning_rate: float,
-        boundaries: list[int],
-        decay_factor: float = 0.1,
-        warmup_steps: int = 0,
-    ):
-        super().__init__()
-        self.peak_learning_rate = float(peak_learning_rate)
-        self.boundaries = [int(b) for b in boundaries]
-        self.decay_factor = float(decay_factor)
-        self.warmup_steps = int(warmup_steps)
-
-    def __call__(self, step):
-        step = ops.cast(step, "float32")
-        warmup_rate = lars_tf.linear_warmup(
-            step, self.warmup_steps, 0.0, self.peak_learning_rate
+    if kind == "step":
+        return WarmupStepDecay(
+            peak_learning_rate, list(boundaries), decay_factor, warmup_steps
         )
-        passed = sum(ops.cast(step >= b, "float32") for b in self.boundaries)
-        decayed_rate = self.peak_learning_rate * ops.power(self.decay_factor, passed)
-        return ops.where(step < self.warmup_steps, warmup_rate, decayed_rate)
-
-    def get_config(self) -> dict:
-        return {
-            "peak_learning_rate": self.peak_learning_rate,
-            "boundaries": self.boundaries,
-            "decay_factor": self.decay_factor,
-            "warmup_steps": self.warmup_steps,
-        }
+    decay = {"poly": WarmupPolynomialDecay, "cosine": WarmupCosineDecay}
+    if kind not in decay:
+        raise ValueError(f"`kind` must be one of {SCHEDULES}. Received: {kind!r}")
+    extra = {"power": power} if kind == "poly" else {}
+    return decay[kind](
+        peak_learning_rate,
+        decay_steps=train_steps,
+        warmup_steps=warmup_steps,
+        end_learning_rate=end_learning_rate,
+        **extra,
+    )
 
 
 def learning_rate_schedule(
     config: Config,
 ) -> keras.optimizers.schedules.LearningRateSchedule:
-    """Warm-up then the decay of `config.lr_schedule`, over the training steps."""
-    peak = config.peak_learning_rate
-    if config.lr_schedule == "step":
-        return WarmupStepDecay(
-            peak, config.lr_decay_steps, config.lr_decay_factor, config.warmup_steps
-        )
-    if config.lr_schedule == "cosine":
-        return lars_tf.WarmupCosineDecay(
-            peak,
-            decay_steps=config.train_steps,
-            warmup_steps=config.warmup_steps,
-            end_learning_rate=config.end_learning_rate,
-        )
-    return lars_tf.WarmupPolynomialDecay(
-        peak,
-        decay_steps=config.train_steps,
-        warmup_steps=config.warmup_steps,
+    """`make_schedule` of `config.lr_schedule`, over the run's training steps."""
+    return make_schedule(
+        config.lr_schedule,
+        config.peak_learning_rate,
+        config.train_steps,
+        config.warmup_steps,
         end_learning_rate=config.end_learning_rate,
         power=config.poly_power,
+        boundaries=config.lr_decay_steps,
+        decay_factor=config.lr_decay_factor,
     )
 
 
-def build_optimizer(config: Config, model: keras.Model) -> keras.optimizers.Optimizer:
-    """The optimizer of `config.optimizer` with its schedule, built on `model`.
+def make_optimizer(
+    name: str,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+    variables: Sequence[keras.Variable],
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    trust_coefficient: float = 0.001,
+    epsilon: float = 0.0,
+    clip: bool = False,
+    nesterov: bool = False,
+    exclude: Callable[[keras.Variable], bool] | None = None,
+    loss_scale: bool = False,
+) -> keras.optimizers.Optimizer:
+    """The optimizer `name` (one of `OPTIMIZERS`), built on `variables`.
 
-    Call inside `strategy.scope()`. With `--precision=mixed_float16` it is
-    wrapped in Keras's `LossScaleOptimizer` (dynamic loss scale); the training
-    step then differentiates `optimizer.scale_loss(loss)` and `apply_gradients`
-    unscales. Built eagerly so that a checkpoint restores its slots at once.
+    `momentum` is Lamb's and AdamW's `beta_1`; their `epsilon` is 1e-6 when
+    `epsilon` is 0. `weight_decay` is coupled for LARS, decoupled for Lamb and
+    AdamW, and not applied for SGD (see `l2_loss_fn`). `exclude` picks the
+    variables neither decayed nor adapted; `nesterov` applies to LARS and SGD.
+    With `loss_scale` the optimizer is wrapped in Keras's `LossScaleOptimizer`
+    (dynamic loss scale): the training step differentiates
+    `optimizer.scale_loss(loss)`, and `apply_gradients` unscales. Call inside
+    `strategy.scope()`; built eagerly so that a checkpoint restores its slots
+    at once.
     """
-    learning_rate = learning_rate_schedule(config)
-    exclude = lars_tf.exclude_bias_and_norm if config.exclude_bias_and_norm else None
-    if config.optimizer == "lars":
+    if name == "lars":
         optimizer = lars_tf.LARS(
             learning_rate,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            trust_coefficient=config.trust_coefficient,
-            epsilon=config.epsilon,
-            clip=config.clip,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            epsilon=epsilon,
+            nesterov=nesterov,
+            clip=clip,
             exclude_from_adaptation=exclude,
             exclude_from_weight_decay=exclude,
         )
-    elif config.optimizer == "sgd":  # Weight decay: see l2_loss().
-        optimizer = keras.optimizers.SGD(learning_rate, momentum=config.momentum)
-    else:
+    elif name == "sgd":
+        optimizer = keras.optimizers.SGD(
+            learning_rate, momentum=momentum, nesterov=nesterov
+        )
+    elif name in ("lamb", "adamw"):
         adaptive = {"lamb": keras.optimizers.Lamb, "adamw": keras.optimizers.AdamW}
-        optimizer = adaptive[config.optimizer](
+        optimizer = adaptive[name](
             learning_rate,
-            beta_1=config.momentum,
-            epsilon=config.epsilon or 1e-6,
-            weight_decay=config.weight_decay,
+            beta_1=momentum,
+            epsilon=epsilon or 1e-6,
+            weight_decay=weight_decay,
         )
         if exclude:
             optimizer.exclude_from_weight_decay(
-                var_list=[v for v in model.trainable_variables if exclude(v)]
+                var_list=[v for v in variables if exclude(v)]
             )
-    if config.precision == "mixed_float16":
+    else:
+        raise ValueError(f"`name` must be one of {OPTIMIZERS}. Received: {name!r}")
+    if loss_scale:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)
+    optimizer.build(variables)
     return optimizer
+
+
+def build_optimizer(config: Config, model: keras.Model) -> keras.optimizers.Optimizer:
+    """`make_optimizer` of `config.optimizer` with its schedule, on `model`.
+
+    Call inside `strategy.scope()`; `--precision=mixed_float16` scales the loss.
+    """
+    return make_optimizer(
+        config.optimizer,
+        learning_rate_schedule(config),
+        model.trainable_variables,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        trust_coefficient=config.trust_coefficient,
+        epsilon=config.epsilon,
+        clip=config.clip,
+        exclude=lars_tf.exclude_bias_and_norm if config.exclude_bias_and_norm else None,
+        loss_scale=config.precision == "mixed_float16",
+    )
 
 
 def l2_loss_fn(config: Config, model: keras.Model):
