@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
 
 from train import FlagError, UserError, config, sources
 
@@ -50,13 +51,13 @@ def test_defaults_resolve_every_derived_fact(tmp_path):
 @pytest.mark.parametrize(
     "overrides, flag, allowed",
     [
-        ({"global_batch_size": -8}, "global_batch_size", ">= 1"),
-        ({"global_batch_size": 0}, "global_batch_size", ">= 1"),
-        ({"train_steps": -1}, "train_steps", ">= 1"),
+        ({"global_batch_size": -8}, "global_batch_size", "not a positive integer"),
+        ({"global_batch_size": 0}, "global_batch_size", "not a positive integer"),
+        ({"train_steps": -1}, "train_steps", "not a positive integer"),
         ({"train_epochs": 0}, "train_epochs", "> 0"),
         ({"train_epochs": NAN}, "train_epochs", "> 0"),
         ({"train_epochs": INF}, "train_epochs", "> 0"),
-        ({"image_size": 0}, "image_size", ">= 1"),
+        ({"image_size": 0}, "image_size", "not a positive integer"),
         ({"base_learning_rate": 0}, "base_learning_rate", "> 0"),
         ({"base_learning_rate": NAN}, "base_learning_rate", "> 0"),
         ({"base_learning_rate": INF}, "base_learning_rate", "> 0"),
@@ -74,10 +75,10 @@ def test_defaults_resolve_every_derived_fact(tmp_path):
         ({"label_smoothing": 1.0}, "label_smoothing", "in [0, 1)"),
         ({"lr_decay_factor": 0}, "lr_decay_factor", "in (0, 1]"),
         ({"epochs_between_evals": INF}, "epochs_between_evals", ">= 0"),
-        ({"steps_per_loop": 0}, "steps_per_loop", ">= 1"),
-        ({"max_nonfinite_steps": 0}, "max_nonfinite_steps", ">= 1"),
-        ({"seed": -1}, "seed", ">= 0"),
-        ({"seed": 2**31}, "seed", "<= 2147483647"),
+        ({"steps_per_loop": 0}, "steps_per_loop", "not a positive integer"),
+        ({"max_nonfinite_steps": 0}, "max_nonfinite_steps", "not a positive integer"),
+        ({"seed": -1}, "seed", "in the range [0, 2147483647]"),
+        ({"seed": 2**31}, "seed", "in the range [0, 2147483647]"),
         ({"global_batch_size": 2.5}, "global_batch_size", "int"),
         ({"lr_decay_epochs": "60,30"}, "lr_decay_epochs", "increasing"),
         ({"lr_decay_epochs": "a"}, "lr_decay_epochs", "numbers"),
@@ -102,6 +103,7 @@ def test_bad_number_names_the_flag_and_its_range(overrides, flag, allowed):
         ({"strategy": "tpu"}, "tpu"),
         ({"strategy": "multi_worker", "model_dir": "/tmp/x"}, "strategy"),
         ({"strategy": "one_device", "num_cpu_devices": 2}, "num_cpu_devices"),
+        ({"num_cpu_devices": 2}, "num_cpu_devices"),  # The default strategy.
         ({"source": "tfds"}, "tfds_name"),
         ({"optimizer": "adam"}, "optimizer"),
         ({"model": "vgg16"}, "model"),  # Checked last: needs the Keras import.
@@ -114,6 +116,28 @@ def test_bad_number_names_the_flag_and_its_range(overrides, flag, allowed):
 def test_bad_combination_is_named(overrides, flag, monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     assert _error(**{**SYNTHETIC, **overrides}).flag == flag
+
+
+@pytest.mark.parametrize(
+    "lr_scaling, peak",
+    [("linear", 0.4 * 4096 / 256), ("sqrt", 0.4 * 4.0), ("none", 0.4)],
+)
+def test_peak_rate_is_scaled_from_the_base_batch(lr_scaling, peak, tmp_path):
+    c = config.make_config(**SYNTHETIC, lr_scaling=lr_scaling, model_dir=str(tmp_path))
+    assert c.peak_learning_rate == pytest.approx(peak, rel=1e-12)
+
+
+def test_record_keeps_the_data_facts_at_the_top_level(tmp_path):
+    c = config.make_config(**SYNTHETIC, image_size=32, model_dir=str(tmp_path))
+    record = json.loads(json.dumps(c.to_dict()))
+    assert (record["source"], record["image_size"], record["num_classes"]) == (
+        "synthetic",
+        32,
+        10,
+    )
+    assert record["channels"] == 3 and record["train_examples"] == 1_281_167
+    assert record["mean"] == list(sources.IMAGENET_MEAN_RGB)
+    assert record["model_dir"] == str(tmp_path) and record["momentum"] == 0.9
 
 
 def test_data_service_address_is_kept_as_host_port(tmp_path):
@@ -281,7 +305,42 @@ def test_bad_flag_fails_fast_with_one_line_and_no_tensorflow(tmp_path):
     )
     assert result.stdout.split() == ["2", "False"]
     assert result.stderr.splitlines() == [
-        "train.main: error: --momentum: must be a finite number in [0, 1). "
-        "Received: nan"
+        "train.main: error: flag --momentum=nan: must be a finite number in "
+        "[0, 1). Received: nan"
     ]
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def _command_line_error(monkeypatch, capsys, *argv: str) -> str:
+    """What train.main prints when its flag parsing fails (exit status 2)."""
+    from train import main
+
+    flag_values = flags.FlagValues()
+    config.define_flags(flag_values)
+    monkeypatch.setattr(flags, "FLAGS", flag_values)
+    with pytest.raises(SystemExit) as exit:
+        main.parse_flags(["train.main", *argv])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.main: error: ") and err.count("\n") == 1
+    return err
+
+
+def test_cpu_split_without_mirrored_names_both_flags(monkeypatch, capsys):
+    err = _command_line_error(monkeypatch, capsys, "--num_cpu_devices=2")
+    assert "--num_cpu_devices" in err and "--strategy=mirrored" in err
+    assert "strategy=default" in err
+
+
+def test_missing_flagfile_is_one_clean_line(monkeypatch, capsys, tmp_path):
+    missing = tmp_path / "missing.flags"
+    err = _command_line_error(monkeypatch, capsys, f"--flagfile={missing}")
+    assert err.startswith("train.main: error: Unable to open flagfile: ")
+    assert str(missing) in err and "ERROR" not in err
+
+
+def test_every_bad_flag_is_named_on_one_line(monkeypatch, capsys):
+    args = ("--momentum=nan", "--train_epochs=0")
+    err = _command_line_error(monkeypatch, capsys, *args)
+    assert "flag --momentum=nan: must be a finite number in [0, 1)" in err
+    assert "flag --train_epochs=0.0: must be a finite number > 0" in err

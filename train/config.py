@@ -1,30 +1,33 @@
 """The app's flags and the run configuration they resolve to; imports no TensorFlow.
 
-Every flag of `python -m train.main` is defined here once (`define_flags`), and
-turned into a frozen `Config` by `from_flag_values` (the command line) or
-`make_config(**overrides)` (the study and the tests). Both go through one
-function, `build_config`, which checks every value and decides every derived
-fact once: the data source and its folder, image size, channels, classes,
-augmentation, steps per epoch, training and warm-up steps, the peak learning
-rate and the model folder. Nothing below `train.main` sees absl.
-
-Checks run in order of cost: numbers and names first (no imports), then paths,
+Every flag of `python -m train.main` is defined here once (`define_flags`),
+with what it allows: absl's bounds for whole numbers, enums for names, and
+absl validators for real numbers (the ranges of `lars_tf.validation`, shared
+with LARS's own argument checks) and for flags that must agree. absl checks
+them as it parses. `from_flag_values` (the command line) and
+`make_config(**overrides)` (programs and the tests) turn the parsed flags into
+a frozen `Config` through `build_config`, which checks what the flags alone
+cannot tell, in order of cost: the cluster of `$TF_CONFIG` and the model folder,
 then the data folder's facts (`train.sources`), and last the model name, which
 needs the Keras import (the names come from the builders in `train/models.py`).
-Any mistake raises `train.FlagError` (one line, naming the flag and what is
-allowed).
+It decides every derived fact once: the data's facts, augmentation, steps per
+epoch, training and warm-up steps, the peak learning rate and the model folder.
+Nothing below `train.main` sees absl. Any mistake raises `train.FlagError` (one
+line, naming the flag and what is allowed).
 
 The second half of the file keeps the run's configuration in its model folder:
 `check_resume` compares a resumed run with the one recorded there.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from absl import flags
@@ -37,13 +40,66 @@ OPTIMIZERS = ("lars", "sgd", "lamb", "adamw")
 SCHEDULES = ("poly", "cosine", "step")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+MAX_SEED = 2**31 - 1  # NumPy's and TensorFlow's seeds are 32-bit.
 RUN_RECORD = "config.json"  # The run's configuration, in its model folder.
 
+# A range check of `lars_tf.validation`'s form: (value, name) -> value, or a
+# ValueError "`name` must be ...".
+RangeCheck = Callable[[Any, str], Any]
 
-def define_flags(flag_values: flags.FlagValues) -> None:
-    """Defines the app's flags on `flag_values` (`flags.FLAGS` for the CLI)."""
-    fv = {"flag_values": flag_values}
-    # Model and data.
+
+def _range(
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> RangeCheck:
+    """A range check for one of the app's own real-number flags."""
+    return lambda value, name: validation.check_number(
+        name, value, low, high, low_open=low_open, high_open=high_open
+    )
+
+
+def _define_real(
+    name: str, default: float, help_text: str, check: RangeCheck, fv: dict
+) -> None:
+    """DEFINE_float with an absl validator that runs `check`.
+
+    absl's lower_bound/upper_bound refuse neither NaN nor infinity and cannot
+    leave an end open (> 0), which these ranges need.
+    """
+    flags.DEFINE_float(name, default, help_text, **fv)
+
+    def validator(value: float) -> bool:
+        try:
+            check(value, name)
+        except ValueError as error:  # "`name` must be ...": absl names the flag.
+            message = str(error).removeprefix(f"`{name}` ")
+            raise flags.ValidationError(message) from None
+        return True
+
+    flags.register_validator(name, validator, **fv)
+
+
+def _check_decay_epochs(epochs: list[str]) -> bool:
+    """absl validator of --lr_decay_epochs: finite numbers >= 0, increasing."""
+    try:
+        values = [float(epoch) for epoch in epochs]
+    except ValueError:
+        raise flags.ValidationError("must be a list of numbers") from None
+    for value in values:
+        if not (math.isfinite(value) and value >= 0):
+            raise flags.ValidationError(
+                f"must be finite numbers >= 0. Received: {value}"
+            )
+    if values != sorted(values):
+        raise flags.ValidationError("must be increasing")
+    return True
+
+
+def _define_data_flags(fv: dict) -> None:
+    """The model and its data."""
     flags.DEFINE_string(
         "model",
         "small_alexnet_bn",
@@ -71,10 +127,18 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     )
     flags.DEFINE_string("tfds_name", None, "TFDS dataset name for --source=tfds.", **fv)
     flags.DEFINE_integer(
-        "image_size", None, "Square input size; default: the dataset's own.", **fv
+        "image_size",
+        None,
+        "Square input size; default: the dataset's own.",
+        lower_bound=1,
+        **fv,
     )
     flags.DEFINE_integer(
-        "num_classes", None, "Number of classes; default: the dataset's own.", **fv
+        "num_classes",
+        None,
+        "Number of classes; default: the dataset's own.",
+        lower_bound=2,
+        **fv,
     )
     flags.DEFINE_enum(
         "augmentation",
@@ -99,24 +163,38 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         10,
         "Records whose image does not decode are skipped, named on stderr and "
         "counted in summary.json; one more than this many stops the run.",
+        lower_bound=0,
         **fv,
     )
-    # Length of training and batch size.
-    flags.DEFINE_integer("global_batch_size", 4096, "Batch over all replicas.", **fv)
-    flags.DEFINE_float("train_epochs", 3.0, "Training length in epochs.", **fv)
+
+
+def _define_length_and_rate_flags(fv: dict) -> None:
+    """Length of training, batch size and the learning-rate schedule."""
     flags.DEFINE_integer(
-        "train_steps", None, "Training length in steps; overrides --train_epochs.", **fv
+        "global_batch_size", 4096, "Batch over all replicas.", lower_bound=1, **fv
     )
-    # Optimizer and learning rate.
+    _define_real(
+        "train_epochs", 3.0, "Training length in epochs.", _range(0, low_open=True), fv
+    )
+    flags.DEFINE_integer(
+        "train_steps",
+        None,
+        "Training length in steps; overrides --train_epochs.",
+        lower_bound=1,
+        **fv,
+    )
     flags.DEFINE_enum("optimizer", "lars", OPTIMIZERS, "Optimizer.", **fv)
-    flags.DEFINE_float(
+    _define_real(
         "base_learning_rate",
         0.4,
         "Learning rate at --base_batch_size, scaled to --global_batch_size by "
         "--lr_scaling.",
-        **fv,
+        functools.partial(validation.check_learning_rate, allow_zero=False),
+        fv,
     )
-    flags.DEFINE_integer("base_batch_size", 256, "Batch of --base_learning_rate.", **fv)
+    flags.DEFINE_integer(
+        "base_batch_size", 256, "Batch of --base_learning_rate.", lower_bound=1, **fv
+    )
     flags.DEFINE_enum(
         "lr_scaling",
         "linear",
@@ -124,11 +202,19 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "How the learning rate grows with the batch (none: use it as given).",
         **fv,
     )
-    flags.DEFINE_float("warmup_epochs", 0.5, "Linear warm-up from 0, in epochs.", **fv)
+    _define_real(
+        "warmup_epochs", 0.5, "Linear warm-up from 0, in epochs.", _range(0), fv
+    )
     flags.DEFINE_enum("lr_schedule", "poly", SCHEDULES, "Decay after warm-up.", **fv)
-    flags.DEFINE_float("poly_power", 2.0, "Power of the poly schedule.", **fv)
-    flags.DEFINE_float(
-        "end_learning_rate", 0.0, "Final learning rate (poly and cosine).", **fv
+    _define_real(
+        "poly_power", 2.0, "Power of the poly schedule.", validation.check_power, fv
+    )
+    _define_real(
+        "end_learning_rate",
+        0.0,
+        "Final learning rate (poly and cosine).",
+        validation.check_learning_rate,
+        fv,
     )
     flags.DEFINE_list(
         "lr_decay_epochs",
@@ -136,22 +222,46 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "Epochs where the step schedule multiplies the rate by --lr_decay_factor.",
         **fv,
     )
-    flags.DEFINE_float("lr_decay_factor", 0.1, "Factor of the step schedule.", **fv)
-    flags.DEFINE_float(
-        "momentum", 0.9, "Momentum (LARS, SGD); beta_1 of Lamb/AdamW.", **fv
+    flags.register_validator("lr_decay_epochs", _check_decay_epochs, **fv)
+    _define_real(
+        "lr_decay_factor",
+        0.1,
+        "Factor of the step schedule.",
+        _range(0, 1, low_open=True),
+        fv,
     )
-    flags.DEFINE_float(
+
+
+def _define_optimizer_flags(fv: dict) -> None:
+    """The optimizer's settings and the loss."""
+    _define_real(
+        "momentum",
+        0.9,
+        "Momentum (LARS, SGD); beta_1 of Lamb/AdamW.",
+        validation.check_momentum,
+        fv,
+    )
+    _define_real(
         "weight_decay",
         5e-4,
         "Weight decay: coupled inside LARS, an L2 loss term for SGD, decoupled "
         "for Lamb and AdamW.",
-        **fv,
+        validation.check_weight_decay,
+        fv,
     )
-    flags.DEFINE_float(
-        "trust_coefficient", 0.001, "LARS trust coefficient (eta).", **fv
+    _define_real(
+        "trust_coefficient",
+        0.001,
+        "LARS trust coefficient (eta).",
+        validation.check_trust_coefficient,
+        fv,
     )
-    flags.DEFINE_float(
-        "epsilon", 0.0, "LARS epsilon; Lamb/AdamW epsilon when > 0.", **fv
+    _define_real(
+        "epsilon",
+        0.0,
+        "LARS epsilon; Lamb/AdamW epsilon when > 0.",
+        validation.check_epsilon,
+        fv,
     )
     flags.DEFINE_bool(
         "clip", False, "LARC: clip the LARS local rate at the global one.", **fv
@@ -163,8 +273,17 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "adaptation (the MLPerf setting).",
         **fv,
     )
-    flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the loss.", **fv)
-    # Distribution and numerics.
+    _define_real(
+        "label_smoothing",
+        0.0,
+        "Label smoothing of the loss.",
+        _range(0, 1, high_open=True),
+        fv,
+    )
+
+
+def _define_system_flags(fv: dict) -> None:
+    """Distribution and numerics."""
     flags.DEFINE_enum(
         "strategy", "default", STRATEGIES, "tf.distribute strategy.", **fv
     )
@@ -174,8 +293,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_integer(
         "num_cpu_devices",
         0,
-        "Split the CPU into this many logical devices (to try mirrored and "
-        "multi_worker on a CPU machine); 0 leaves it whole.",
+        "With --strategy=mirrored, split the CPU into this many logical devices "
+        "(to try mirrored training on a CPU machine); 0 leaves it whole.",
+        lower_bound=0,
         **fv,
     )
     flags.DEFINE_enum("precision", "float32", PRECISIONS, "Keras dtype policy.", **fv)
@@ -187,9 +307,17 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         **fv,
     )
     flags.DEFINE_integer(
-        "seed", 0, "Seed of weights, data order and augmentation.", **fv
+        "seed",
+        0,
+        "Seed of weights, data order and augmentation.",
+        lower_bound=0,
+        upper_bound=MAX_SEED,
+        **fv,
     )
-    # Bookkeeping.
+
+
+def _define_bookkeeping_flags(fv: dict) -> None:
+    """The model folder, checkpoints, evaluation, logs and the run's limits."""
     flags.DEFINE_string(
         "model_dir",
         None,
@@ -199,26 +327,40 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         **fv,
     )
     flags.DEFINE_integer(
-        "checkpoint_every_steps", 0, "Checkpoint interval; 0: once per epoch.", **fv
+        "checkpoint_every_steps",
+        0,
+        "Checkpoint interval; 0: once per epoch.",
+        lower_bound=0,
+        **fv,
     )
-    flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.", **fv)
-    flags.DEFINE_float(
-        "epochs_between_evals", 0.0, "Evaluation interval; 0: only at the end.", **fv
+    flags.DEFINE_integer(
+        "keep_checkpoints", 3, "Checkpoints kept.", lower_bound=1, **fv
+    )
+    _define_real(
+        "epochs_between_evals",
+        0.0,
+        "Evaluation interval; 0: only at the end.",
+        _range(0),
+        fv,
     )
     flags.DEFINE_bool("skip_eval", False, "Do not evaluate.", **fv)
     flags.DEFINE_integer(
         "steps_per_loop",
         10,
         "Steps run inside one tf.function call (the host only sees their end).",
+        lower_bound=1,
         **fv,
     )
-    flags.DEFINE_integer("log_every_steps", 10, "Interval of progress lines.", **fv)
+    flags.DEFINE_integer(
+        "log_every_steps", 10, "Interval of progress lines.", lower_bound=1, **fv
+    )
     flags.DEFINE_integer(
         "trust_ratio_every_steps",
         0,
         "Every this many steps, record each layer's ||w||, ||g||, ratio and LARS "
         "rate on a probe batch (lars_tf.TrustRatioMonitor) to <model_dir>/"
         "trust_ratio, and print the paper's Table 2 at the end; 0: off, no cost.",
+        lower_bound=0,
         **fv,
     )
     flags.DEFINE_integer(
@@ -227,10 +369,65 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "A step whose loss or gradients are not finite is skipped (weights, "
         "optimizer state and its iteration count unchanged) and counted; this "
         "many in a row stop the run.",
+        lower_bound=1,
         **fv,
     )
 
 
+# Flags that must agree: (flags, holds(values) -> bool, message). The message
+# starts with the first flag, which `from_flag_values` names.
+_AGREEMENTS = (
+    (
+        ("warmup_epochs", "train_epochs", "train_steps"),
+        lambda f: (
+            f["train_steps"] is not None or f["warmup_epochs"] < f["train_epochs"]
+        ),
+        "--warmup_epochs must be shorter than --train_epochs",
+    ),
+    (
+        ("num_cpu_devices", "strategy"),
+        lambda f: not f["num_cpu_devices"] or f["strategy"] == "mirrored",
+        "--num_cpu_devices needs --strategy=mirrored (which runs a replica on "
+        "each CPU device)",
+    ),
+    (
+        ("tpu", "strategy"),
+        lambda f: f["strategy"] != "tpu" or bool(f["tpu"]),
+        "--tpu is required with --strategy=tpu",
+    ),
+    (
+        ("model_dir", "strategy"),
+        lambda f: f["strategy"] != "multi_worker" or bool(f["model_dir"]),
+        "--model_dir is required with --strategy=multi_worker",
+    ),
+    (
+        ("tfds_name", "source"),
+        lambda f: f["source"] != "tfds" or bool(f["tfds_name"]),
+        "--tfds_name is required with --source=tfds",
+    ),
+    (
+        ("data_service", "deterministic"),
+        lambda f: f["data_service"] is None or not f["deterministic"],
+        "--data_service cannot be used with --deterministic (the service's "
+        "workers deliver batches in no fixed order)",
+    ),
+)
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """Defines the app's flags on `flag_values` (`flags.FLAGS` for the CLI),
+    with absl's bounds, enums and validators of what each allows."""
+    fv = {"flag_values": flag_values}
+    _define_data_flags(fv)
+    _define_length_and_rate_flags(fv)
+    _define_optimizer_flags(fv)
+    _define_system_flags(fv)
+    _define_bookkeeping_flags(fv)
+    for names, holds, message in _AGREEMENTS:
+        flags.register_multi_flags_validator(list(names), holds, message, **fv)
+
+
+@functools.cache
 def flag_names() -> tuple[str, ...]:
     """The app's flag names, in definition order."""
     flag_values = flags.FlagValues()
@@ -246,25 +443,16 @@ def flag_names() -> tuple[str, ...]:
 class Config:
     """Everything one training run needs, checked and resolved.
 
-    Field names equal the flag names where a field is a flag's value (resolved
-    where the flag has a default that depends on others: `source`, `data_dir`,
-    `image_size`, `num_classes`, `augmentation`, `train_steps`, `model_dir`).
-    The other fields are derived once here, so no later code recomputes them.
+    A field named as a flag holds that flag's value (`build_config` copies
+    them by name), resolved where the flag's default depends on others
+    (`augmentation`, `train_steps`, `model_dir`, `checkpoint_every_steps`) and
+    `data_service` as HOST:PORT. The other fields are derived once there, so no
+    later code recomputes them. `data` holds the data's facts once; the ones the
+    trainer reads most are properties too (`source`, `image_size`, ...).
     """
 
-    # Model and data.
     model: str
-    source: str  # Never "auto".
-    data_dir: str | None
-    tfds_name: str | None
-    image_size: int
-    channels: int
-    mean: tuple[float, ...]  # Per channel, 0-255 units: the input normalization.
-    std: tuple[float, ...]
-    num_classes: int
-    label_offset: int
-    train_examples: int
-    eval_examples: int
+    data: sources.Source  # Never "auto"; --image_size and --num_classes applied.
     augmentation: str
     cache: bool
     max_skipped_records: int
@@ -312,39 +500,81 @@ class Config:
     # The flag values as given, for the record in the model folder.
     flags: dict = dataclasses.field(compare=False, repr=False)
 
+    @property
+    def source(self) -> str:
+        """The data source's name (never "auto")."""
+        return self.data.name
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square input images, in pixels."""
+        return self.data.image_size
+
+    @property
+    def channels(self) -> int:
+        """Colour channels of the input images."""
+        return self.data.channels
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes the model predicts."""
+        return self.data.num_classes
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel mean of the input normalization, in 0-255 units."""
+        return self.data.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel standard deviation of the input normalization."""
+        return self.data.std
+
     def data_source(self) -> sources.Source:
-        """The resolved data facts, as `train.data.make_input_fn` takes them."""
-        return sources.Source(
-            name=self.source,
-            num_classes=self.num_classes,
-            image_size=self.image_size,
-            channels=self.channels,
-            train_examples=self.train_examples,
-            eval_examples=self.eval_examples,
-            default_augmentation=self.augmentation,
-            mean=self.mean,
-            std=self.std,
-            label_offset=self.label_offset,
-            data_dir=self.data_dir,
-            tfds_name=self.tfds_name,
-        )
+        """The data's facts (`data`), as `train.data.make_input_fn` takes them."""
+        return self.data
 
     def to_dict(self) -> dict:
-        """The fields as JSON-ready values (tuples as lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The fields as JSON-ready values (tuples as lists), the data's facts
+        among them (`source`: its name), as config.json and summary.json keep
+        them."""
+        fields = json.loads(json.dumps(dataclasses.asdict(self)))
+        facts = fields.pop("data")
+        return {"source": facts.pop("name"), **facts, **fields}
+
+
+def _validate(flag_values: flags.FlagValues) -> None:
+    """Runs absl's validators of the app's flags in definition order, as its
+    parser does; the first that fails raises FlagError naming its flag (the
+    first flag of a check of several, which its message starts with)."""
+    for name in flag_names():
+        for validator in flag_values[name].validators:
+            if validator.get_flags_names()[0] != name:
+                continue  # A check of several flags runs under its first.
+            try:
+                validator.verify(flag_values)
+            except flags.ValidationError as error:
+                message = str(error).removeprefix(f"--{name} ")
+                raise FlagError(name, message) from None
 
 
 def from_flag_values(flag_values: flags.FlagValues) -> Config:
-    """The Config of parsed flags (the command line)."""
+    """The Config of parsed flags (the command line, or `make_config`'s).
+
+    The validators run again here: absl ran them as it parsed the command
+    line, but not for a value parsed or set afterwards.
+    """
+    _validate(flag_values)
     return build_config({name: flag_values[name].value for name in flag_names()})
 
 
 def make_config(**overrides: Any) -> Config:
     """The Config of the default flags with `overrides` (flag name=value).
 
-    For the study and the tests: `make_config(source="synthetic",
-    train_steps=10, model_dir=path)`. Values are parsed as on the command
-    line (an enum must be one of its values; a string is parsed like argv).
+    For programs that train through the app, and for the tests:
+    `make_config(source="synthetic", train_steps=10, model_dir=path)`. Values
+    are parsed as on the command line (an enum must be one of its values; a
+    string is parsed like argv).
     """
     flag_values = flags.FlagValues()
     define_flags(flag_values)
@@ -354,82 +584,11 @@ def make_config(**overrides: Any) -> Config:
             raise TypeError(f"make_config() got an unknown flag {name!r}")
         try:
             flag_values[name].parse(value)
-        except flags.Error as error:  # "flag --name=value: why": keep why.
-            raise FlagError(name, str(error).split(": ", 1)[-1]) from None
+        except flags.Error as error:
+            # absl raises this while handling the parser's ValueError, whose
+            # text says what is allowed; its own text adds "flag --name=value: ".
+            raise FlagError(name, str(error.__context__ or error)) from None
     return from_flag_values(flag_values)
-
-
-# The ranges LARS and the schedules check: the library's checks, one source of
-# truth (`lars_tf.validation` imports no TensorFlow).
-_LIBRARY_CHECKS = {
-    "base_learning_rate": lambda value, name: validation.check_learning_rate(
-        value, name, allow_zero=False
-    ),
-    "end_learning_rate": validation.check_learning_rate,
-    "poly_power": validation.check_power,
-    "momentum": validation.check_momentum,
-    "weight_decay": validation.check_weight_decay,
-    "trust_coefficient": validation.check_trust_coefficient,
-    "epsilon": validation.check_epsilon,
-}
-# The lowest value of the app's whole-number flags.
-_MINIMUM = {
-    "image_size": 1,
-    "num_classes": 2,
-    "global_batch_size": 1,
-    "train_steps": 1,
-    "base_batch_size": 1,
-    "num_cpu_devices": 0,
-    "max_skipped_records": 0,
-    "seed": 0,
-    "checkpoint_every_steps": 0,
-    "keep_checkpoints": 1,
-    "steps_per_loop": 1,
-    "log_every_steps": 1,
-    "trust_ratio_every_steps": 0,
-    "max_nonfinite_steps": 1,
-}
-MAX_SEED = 2**31 - 1  # NumPy's and TensorFlow's seeds are 32-bit.
-# (low, high, low_open, high_open) of the app's other real-number flags.
-_RANGES = {
-    "train_epochs": (0, math.inf, True, False),
-    "warmup_epochs": (0, math.inf, False, False),
-    "lr_decay_factor": (0, 1, True, False),
-    "label_smoothing": (0, 1, False, True),
-    "epochs_between_evals": (0, math.inf, False, False),
-}
-
-
-def _check_numbers(v: dict) -> None:
-    """Raises FlagError for the first numeric flag that is not finite or is out
-    of its range (three may be None: the dataset's own, or --train_epochs)."""
-    try:
-        for name, low in _MINIMUM.items():
-            if v[name] is not None or name not in ("image_size", "num_classes"):
-                if name != "train_steps" or v[name] is not None:
-                    validation.check_integer(name, v[name], low)
-        if v["seed"] > MAX_SEED:
-            raise ValueError(f"`seed` must be a whole number <= {MAX_SEED}.")
-        for name, (low, high, low_open, high_open) in _RANGES.items():
-            validation.check_number(
-                name, v[name], low, high, low_open=low_open, high_open=high_open
-            )
-        for name, check in _LIBRARY_CHECKS.items():
-            check(v[name], name)
-    except ValueError as error:  # "`name` must be ...": keep "must be ...".
-        flag, message = str(error)[1:].split("` ", 1)
-        raise FlagError(flag, message) from None
-    try:
-        decay_epochs = [float(e) for e in v["lr_decay_epochs"]]
-    except ValueError:
-        raise FlagError("lr_decay_epochs", "must be a list of numbers") from None
-    for epoch in decay_epochs:
-        if not (math.isfinite(epoch) and epoch >= 0):
-            raise FlagError(
-                "lr_decay_epochs", f"must be finite numbers >= 0. Received: {epoch}"
-            )
-    if decay_epochs != sorted(decay_epochs):
-        raise FlagError("lr_decay_epochs", "must be increasing")
 
 
 def cluster_worker_count() -> int:
@@ -443,78 +602,78 @@ def cluster_worker_count() -> int:
     return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
 
 
-def _replicas(values: dict) -> int | None:
-    """Replicas known before TensorFlow starts; None when only TF can tell."""
-    if values["strategy"] in ("default", "one_device"):
-        return 1
-    if values["strategy"] == "mirrored" and values["num_cpu_devices"]:
-        return values["num_cpu_devices"]
-    return None
+def _replicas(v: dict) -> int | None:
+    """Replicas known before TensorFlow starts (None: only TF can tell), after
+    checking that the global batch divides among them (for multi_worker: among
+    the workers of $TF_CONFIG, each with at least one replica)."""
+    replicas = {"default": 1, "one_device": 1}.get(v["strategy"])
+    if v["strategy"] == "mirrored" and v["num_cpu_devices"]:
+        replicas = v["num_cpu_devices"]
+    divisor = replicas
+    if v["strategy"] == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise FlagError("strategy", "multi_worker needs the TF_CONFIG variable")
+        divisor = cluster_worker_count()
+    if divisor and v["global_batch_size"] % divisor:
+        raise FlagError(
+            "global_batch_size",
+            f"{v['global_batch_size']} is not divisible by the {divisor} replicas",
+        )
+    return replicas
+
+
+def _check_model(model: str, image_size: int) -> None:
+    """Raises FlagError unless `model` names a builder that takes images of
+    `image_size`. Imports Keras: the names come from the builders."""
+    from train import models
+
+    if model not in models.MODEL_NAMES:
+        raise FlagError(
+            "model", f"must be one of {', '.join(models.MODEL_NAMES)}, got {model!r}"
+        )
+    min_size = models.MIN_IMAGE_SIZE.get(model, 1)
+    if image_size < min_size:
+        raise FlagError(
+            "image_size",
+            f"{model} needs images of at least {min_size}x{min_size}, got {image_size}",
+        )
+
+
+def _peak_learning_rate(v: dict) -> float:
+    """--base_learning_rate scaled from --base_batch_size to the global batch
+    by --lr_scaling (`none`: as given), with `lars_tf.scaled_learning_rate`.
+
+    Imports lars_tf, and with it Keras: runs after `_check_model` has.
+    """
+    if v["lr_scaling"] == "none":
+        return float(v["base_learning_rate"])
+    import lars_tf
+
+    return lars_tf.scaled_learning_rate(
+        v["base_learning_rate"],
+        v["global_batch_size"],
+        v["base_batch_size"],
+        rule=v["lr_scaling"],
+    )
 
 
 def build_config(values: dict) -> Config:
-    """Checks flag values (name -> value, as parsed) and resolves them.
+    """Resolves flag values (name -> value, as absl parsed and validated them).
 
     Raises:
       FlagError: naming the first bad flag and what it allows.
       UserError: naming a data folder or file that is missing or unreadable.
     """
     v = dict(values)
-    # 1. Numbers and names.
-    _check_numbers(v)
-    decay_epochs = [float(e) for e in v["lr_decay_epochs"]]
-    for name, choices in (
-        ("optimizer", OPTIMIZERS),
-        ("lr_schedule", SCHEDULES),
-        ("strategy", STRATEGIES),
-        ("precision", PRECISIONS),
-    ):
-        if v[name] not in choices:
-            raise FlagError(name, f"must be one of {', '.join(choices)}")
-
-    # 2. Combinations.
-    if v["train_steps"] is None and v["warmup_epochs"] >= v["train_epochs"]:
-        raise FlagError(
-            "warmup_epochs",
-            f"{v['warmup_epochs']} is not shorter than "
-            f"--train_epochs={v['train_epochs']}",
-        )
     replicas = _replicas(v)
-    divisor = replicas
-    if v["strategy"] == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise FlagError("strategy", "multi_worker needs the TF_CONFIG variable")
-        if not v["model_dir"]:
-            raise FlagError("model_dir", "is required with --strategy=multi_worker")
-        divisor = cluster_worker_count()  # At least one replica per worker.
-    if divisor and v["global_batch_size"] % divisor:
-        raise FlagError(
-            "global_batch_size",
-            f"{v['global_batch_size']} is not divisible by the {divisor} replicas",
-        )
-    if v["strategy"] == "tpu" and not v["tpu"]:
-        raise FlagError("tpu", "is required with --strategy=tpu")
-    if v["num_cpu_devices"] and v["strategy"] not in ("default", "mirrored"):
-        raise FlagError("num_cpu_devices", "works with --strategy=mirrored only")
-    if v["source"] == "tfds" and not v["tfds_name"]:
-        raise FlagError("tfds_name", "is required with --source=tfds")
-    data_service = None
-    if v["data_service"] is not None:
-        data_service = parse_address("data_service", v["data_service"])
-        if v["deterministic"]:
-            raise FlagError(
-                "data_service",
-                "cannot be used with --deterministic (the service's workers "
-                "deliver batches in no fixed order)",
-            )
-
-    # 3. Paths.
+    data_service = v["data_service"]
+    if data_service is not None:
+        data_service = parse_address("data_service", data_service)
     model_dir = v["model_dir"] or default_model_dir(v["model"])
     if "://" not in model_dir:
         model_dir = os.path.abspath(model_dir)
     check_writable_folder("model_dir", model_dir)
 
-    # 4. The data's facts.
     facts = sources.describe(
         v["source"],
         v["data_dir"],
@@ -541,86 +700,28 @@ def build_config(values: dict) -> Config:
             f"{v['warmup_epochs']} epochs = {warmup_steps} steps is not shorter "
             f"than training ({train_steps} steps)",
         )
-    peak = _peak_learning_rate(v)
+    _check_model(v["model"], facts.image_size)
 
-    # 5. The model name, last: the names come from the Keras builders.
-    from train import models
-
-    if v["model"] not in models.MODEL_NAMES:
-        raise FlagError(
-            "model",
-            f"must be one of {', '.join(models.MODEL_NAMES)}, got {v['model']!r}",
-        )
-    min_size = models.MIN_IMAGE_SIZE.get(v["model"], 1)
-    if facts.image_size < min_size:
-        raise FlagError(
-            "image_size",
-            f"{v['model']} needs images of at least {min_size}x{min_size}, got "
-            f"{facts.image_size}",
-        )
-
-    return Config(
-        model=v["model"],
-        source=facts.name,
-        data_dir=facts.data_dir,
-        tfds_name=facts.tfds_name,
-        image_size=facts.image_size,
-        channels=facts.channels,
-        mean=facts.mean,
-        std=facts.std,
-        num_classes=facts.num_classes,
-        label_offset=facts.label_offset,
-        train_examples=facts.train_examples,
-        eval_examples=facts.eval_examples,
+    resolved = dict(
+        data=facts,
         augmentation=v["augmentation"] or facts.default_augmentation,
-        cache=v["cache"],
-        max_skipped_records=v["max_skipped_records"],
         data_service=data_service,
         synthetic_fallback=v["source"] == "auto" and facts.name == "synthetic",
-        global_batch_size=batch,
         steps_per_epoch=steps_per_epoch,
         train_steps=train_steps,
         warmup_steps=warmup_steps,
-        optimizer=v["optimizer"],
-        peak_learning_rate=peak,
-        lr_schedule=v["lr_schedule"],
-        poly_power=v["poly_power"],
-        end_learning_rate=v["end_learning_rate"],
-        lr_decay_steps=tuple(round(e * steps_per_epoch) for e in decay_epochs),
-        lr_decay_factor=v["lr_decay_factor"],
-        momentum=v["momentum"],
-        weight_decay=v["weight_decay"],
-        trust_coefficient=v["trust_coefficient"],
-        epsilon=v["epsilon"],
-        clip=v["clip"],
-        exclude_bias_and_norm=v["exclude_bias_and_norm"],
-        label_smoothing=v["label_smoothing"],
-        strategy=v["strategy"],
-        tpu=v["tpu"],
-        num_cpu_devices=v["num_cpu_devices"],
+        peak_learning_rate=_peak_learning_rate(v),
+        lr_decay_steps=tuple(
+            round(float(epoch) * steps_per_epoch) for epoch in v["lr_decay_epochs"]
+        ),
         replicas=replicas,
-        precision=v["precision"],
-        jit_compile=v["jit_compile"],
-        deterministic=v["deterministic"],
-        seed=v["seed"],
         model_dir=model_dir,
         checkpoint_every_steps=v["checkpoint_every_steps"] or steps_per_epoch,
-        keep_checkpoints=v["keep_checkpoints"],
         eval_every_steps=round(v["epochs_between_evals"] * steps_per_epoch),
-        skip_eval=v["skip_eval"],
-        steps_per_loop=v["steps_per_loop"],
-        log_every_steps=v["log_every_steps"],
-        trust_ratio_every_steps=v["trust_ratio_every_steps"],
-        max_nonfinite_steps=v["max_nonfinite_steps"],
         flags=dict(values),
     )
-
-
-def _peak_learning_rate(v: dict) -> float:
-    """--base_learning_rate scaled from --base_batch_size to the global batch."""
-    ratio = v["global_batch_size"] / v["base_batch_size"]
-    scale = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[v["lr_scaling"]]
-    return float(v["base_learning_rate"] * scale)
+    given = {f.name: v[f.name] for f in dataclasses.fields(Config) if f.name in v}
+    return Config(**{**given, **resolved})
 
 
 def default_model_dir(model: str) -> str:
