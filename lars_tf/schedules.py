@@ -2,8 +2,9 @@
 
 LARS is trained, in the paper (You, Gitman & Ginsburg 2017) and in the MLPerf
 ResNet-50 reference, with a linear warm-up followed by polynomial decay of power 2.
-Every warm-up of lars_tf is `ScheduleWithWarmup`, whose ramp is `linear_warmup`;
-the decays after it are Keras's own (`PolynomialDecay`, `CosineDecay`,
+Every warm-up of lars_tf ramps by `linear_warmup`: a schedule's through
+`ScheduleWithWarmup`, a constant rate's in `lars_tf.LearningRateWarmup`; the
+decays after it are Keras's own (`PolynomialDecay`, `CosineDecay`,
 `PiecewiseConstantDecay`). The named schedules share one step convention, with
 ``t`` the optimizer step (``optimizer.iterations``, the updates already applied):
 
@@ -65,7 +66,7 @@ class ScheduleWithWarmup(_schedules.LearningRateSchedule):
     * ``warmup_target=peak``: the ramp goes from ``initial`` to ``peak``, and
       the schedule starts after it: ``schedule(t - warmup_steps)`` from
       ``warmup_steps`` on (Keras's ``CosineDecay`` convention with its
-      ``warmup_target``).
+      ``warmup_target``), with the step as a float32 tensor.
 
     Args:
         schedule: The schedule to warm up (or its serialized config).

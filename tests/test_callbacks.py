@@ -111,6 +111,16 @@ def test_wrapped_schedule_survives_a_keras_save(tmp_path):
     expected = 0.5 * 0.5 * (1 + np.cos(np.pi * 4 / 20)) * 4 / 10
     assert float(restored.optimizer.learning_rate) == pytest.approx(expected, rel=1e-5)
 
+    # A new callback on the restored model continues the saved ramp: it does
+    # not put a second one in front (that would apply (t / 10) ** 2).
+    recorder = _RecordSteps()
+    ones = np.ones((2, 1), np.float32)
+    restored.fit(ones, -100 * ones, batch_size=1, shuffle=False, verbose=0,
+                 callbacks=[LearningRateWarmup(warmup_steps=10), recorder])  # fmt: skip
+    steps = np.array([4.0, 5.0])
+    expected = 0.5 * 0.5 * (1 + np.cos(np.pi * steps / 20)) * steps / 10
+    np.testing.assert_allclose(recorder.applied_rates, expected, rtol=1e-5)
+
 
 @pytest.mark.parametrize(
     "kwargs, argument",
