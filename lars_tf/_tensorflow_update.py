@@ -49,14 +49,23 @@ def apply_update(
     trust_coefficient: float,
     epsilon: float,
     clip: bool,
+    decayed_gradient_norm: bool = False,
 ) -> None:
     """Applies one LARS step to `variable` (and its slot `velocity`) in place.
 
     `gradient` and `learning_rate` are dense tensors of the variable's dtype;
     `velocity` is None without momentum. `weight_decay` and `adapted` are this
-    variable's, as `LARS.build` decided them.
+    variable's, as `LARS.build` decided them; `decayed_gradient_norm` is as in
+    `lars_tf.LARS`.
     """
+    # The weight decay the kernels below still have to add to the gradient.
+    kernel_weight_decay = weight_decay
     if adapted:
+        if weight_decay and decayed_gradient_norm:
+            # The ratio needs `||g + d * w||`, so the decayed gradient is
+            # formed here and the kernels below take it as it is.
+            gradient = gradient + weight_decay * variable
+            kernel_weight_decay = 0.0
         learning_rate = local_learning_rate(
             _norm(variable),
             _norm(gradient),
@@ -66,21 +75,22 @@ def apply_update(
             epsilon=epsilon,
             clip=clip,
             adapted=True,
+            decayed_gradient_norm=decayed_gradient_norm,
         )
     fold = velocity is not None and not nesterov and momentum >= FOLD_MIN_MOMENTUM
-    if weight_decay and fold:
+    if kernel_weight_decay and fold:
         # Subtracting `lr * d / momentum * w` from the slot in place makes the
         # kernel's `momentum * slot - lr * g` below equal
         # `momentum * slot - lr * (g + d * w)`: one pass and no temporary,
         # where `g + d * w` takes two passes and a gradient-sized temporary.
         tf.raw_ops.ResourceApplyGradientDescent(
             var=velocity.handle,
-            alpha=learning_rate * (weight_decay / momentum),
+            alpha=learning_rate * (kernel_weight_decay / momentum),
             delta=variable,
             use_locking=False,
         )
-    elif weight_decay:
-        gradient = gradient + weight_decay * variable
+    elif kernel_weight_decay:
+        gradient = gradient + kernel_weight_decay * variable
     if velocity is None:
         variable.assign_sub(learning_rate * gradient)
         return

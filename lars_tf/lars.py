@@ -44,6 +44,9 @@ class LARS(keras.optimizers.Optimizer):
     d = weight_decay              # 0 if w is excluded from weight decay
     ratio = trust_coefficient * norm(w) / (norm(g) + d * norm(w) + epsilon)
     ratio = 1 if norm(w) == 0 or norm(g) == 0
+    # decayed_gradient_norm=True: the norm of the decayed gradient instead
+    ratio = trust_coefficient * norm(w) / (norm(g + d * w) + epsilon)
+    ratio = 1 if norm(w) == 0 or norm(g + d * w) == 0
     local_lr = min(ratio, lr) if clip else lr * ratio     # clip: LARC
     if w is excluded from adaptation: local_lr = lr
     v = momentum * v + local_lr * (g + d * w)
@@ -52,7 +55,13 @@ class LARS(keras.optimizers.Optimizer):
     ```
 
     Weight decay is coupled, as in the paper: it is part of the gradient and
-    enters the trust ratio. Keras's decoupled `weight_decay` of the base
+    enters the trust ratio. The paper's form (Algorithm 1, and MLPerf's
+    reference) adds `d * norm(w)` to the gradient's norm; optax's `lars`, TF
+    Model Garden's and SimCLR's LARS take the norm of the decayed gradient
+    `g + d * w` (`decayed_gradient_norm=True`). The two agree while
+    `norm(g)` is much larger than `d * norm(w)`, and part when the gradient
+    gets small. Under `keras.distribution` with sharded variables, norms are
+    of the whole variable. Keras's decoupled `weight_decay` of the base
     class is never applied as well. Norms are taken of the aggregated
     gradient, so under `tf.distribute` or `keras.distribution` every replica
     computes the same ratio without extra communication. A sparse gradient
@@ -89,6 +98,11 @@ class LARS(keras.optimizers.Optimizer):
             Defaults to `False`.
         clip: If `True`, LARC: the local learning rate is `min(ratio, lr)`,
             never above the global one. Defaults to `False`.
+        decayed_gradient_norm: If `True`, the ratio's denominator is the
+            norm of the decayed gradient, `norm(g + d * w) + epsilon`, and its
+            zero-norm guard looks at that norm (optax, TF Model Garden,
+            SimCLR); `False` is the paper's form (see above). Defaults to
+            `False`.
         exclude_from_adaptation: Variables that get `ratio = 1`: a list of
             regular expressions, any of which `re.search`-matches the Keras
             variable's `path` (e.g. `["bias", "bn\\d*/"]`), or a predicate
@@ -141,6 +155,7 @@ class LARS(keras.optimizers.Optimizer):
         epsilon: float = 0.0,
         nesterov: bool = False,
         clip: bool = False,
+        decayed_gradient_norm: bool = False,
         exclude_from_adaptation: Exclusion = None,
         exclude_from_weight_decay: Exclusion = None,
         skip_nonfinite: bool = False,
@@ -164,6 +179,7 @@ class LARS(keras.optimizers.Optimizer):
         self.epsilon = epsilon
         self.nesterov = nesterov
         self.clip = bool(clip)
+        self.decayed_gradient_norm = bool(decayed_gradient_norm)
         self.exclude_from_adaptation = _check_exclusion(
             "exclude_from_adaptation", exclude_from_adaptation
         )
@@ -223,8 +239,10 @@ class LARS(keras.optimizers.Optimizer):
         """The step size this optimizer applies to a variable's decayed gradient.
 
         `lars_tf.rule.local_learning_rate` with this optimizer's trust
-        coefficient, epsilon and `clip`, for a variable with these norms, its
-        weight decay and whether it is adapted (see `variable_settings`).
+        coefficient, epsilon, `clip` and `decayed_gradient_norm`, for a
+        variable with these norms, its weight decay and whether it is adapted
+        (see `variable_settings`). `gradient_norm` is `norm(g)`, or
+        `norm(g + d * w)` with `decayed_gradient_norm=True`.
         """
         return local_learning_rate(
             weight_norm,
@@ -235,6 +253,7 @@ class LARS(keras.optimizers.Optimizer):
             epsilon=self.epsilon,
             clip=self.clip,
             adapted=adapted,
+            decayed_gradient_norm=self.decayed_gradient_norm,
         )
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
@@ -310,6 +329,7 @@ class LARS(keras.optimizers.Optimizer):
             trust_coefficient=self.trust_coefficient,
             epsilon=self.epsilon,
             clip=self.clip,
+            decayed_gradient_norm=self.decayed_gradient_norm,
         )
 
     def _keras_ops_update(
@@ -318,6 +338,9 @@ class LARS(keras.optimizers.Optimizer):
         """The JAX and PyTorch path, the same formula as the TensorFlow kernels."""
         weights = variable.value
         rate = learning_rate
+        decayed = weight_decay and self.decayed_gradient_norm
+        if decayed:  # The ratio takes the norm of the decayed gradient.
+            gradient = gradient + weight_decay * weights
         if adapted:  # Norms only where used: PyTorch runs eagerly.
             # Sums of squares: JAX's XLA:CPU reduces them in one pass, and the
             # Gram traces of the TensorFlow XLA path are slower there and less
@@ -329,7 +352,7 @@ class LARS(keras.optimizers.Optimizer):
                 weight_decay=weight_decay,
                 adapted=True,
             )
-        if weight_decay:
+        if weight_decay and not decayed:
             gradient = gradient + weight_decay * weights
         step = rate * gradient
         if velocity is None:
@@ -358,6 +381,7 @@ class LARS(keras.optimizers.Optimizer):
                 "epsilon": self.epsilon,
                 "nesterov": self.nesterov,
                 "clip": self.clip,
+                "decayed_gradient_norm": self.decayed_gradient_norm,
                 "exclude_from_adaptation": _serialize_exclusion(
                     self.exclude_from_adaptation
                 ),

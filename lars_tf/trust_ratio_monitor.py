@@ -141,14 +141,18 @@ class TrustRatioMonitor(StepCounter):
         variables = model.trainable_variables
         if not variables:
             raise ValueError("The model has no trainable variables; build it first.")
-        if self._norms is None:
-            self._norms = _probe_norms_function(model, self.loss_fn)
-        weight_norms, gradient_norms = (
+        rule_decays = self._rule_decay_rates(variables)
+        if self._norms is None or self._norms[0] != rule_decays:
+            self._norms = (
+                rule_decays,
+                _probe_norms_function(model, self.loss_fn, rule_decays),
+            )
+        weight_norms, gradient_norms, rule_gradient_norms = (
             ops.convert_to_numpy(norms).astype(float)
-            for norms in self._norms(self.probe_x, self.probe_y)
+            for norms in self._norms[1](self.probe_x, self.probe_y)
         )
         learning_rates = self._effective_learning_rates(
-            variables, weight_norms, gradient_norms
+            variables, weight_norms, rule_gradient_norms
         )
         return [
             VariableStats(
@@ -200,7 +204,21 @@ class TrustRatioMonitor(StepCounter):
         lines.insert(1, "-+-".join("-" * w for w in widths))
         return "\n".join(lines)
 
+    def _rule_decay_rates(self, variables) -> tuple[float, ...] | None:
+        """Each variable's `d` where the optimizer's ratio takes `||g + d * w||`.
+
+        None where it takes `||g||` (any optimizer but a
+        `LARS(decayed_gradient_norm=True)`).
+        """
+        if getattr(self.model, "optimizer", None) is None:
+            return None
+        optimizer = inner_optimizer(self.model)
+        if not (isinstance(optimizer, LARS) and optimizer.decayed_gradient_norm):
+            return None
+        return tuple(_lars_flags(optimizer, self.model)[1])
+
     def _effective_learning_rates(self, variables, weight_norms, gradient_norms):
+        """The optimizer's local rates; `gradient_norms` are those its ratio takes."""
         if getattr(self.model, "optimizer", None) is None:
             return [math.nan] * len(variables)
         optimizer = inner_optimizer(self.model)
@@ -271,12 +289,15 @@ def _lars_flags(optimizer: LARS, model: keras.Model) -> tuple[list[bool], list[f
     return [adapted for adapted, _ in settings], [decay for _, decay in settings]
 
 
-def _probe_norms_function(model: keras.Model, loss_fn):
-    """A compiled `(x, y) -> (||w|| per variable, ||g|| per variable)`.
+def _probe_norms_function(
+    model: keras.Model, loss_fn, rule_decays: tuple[float, ...] | None
+):
+    """A compiled `(x, y) -> (||w||, ||g||, the ratio's gradient norm)`, per variable.
 
     The gradient is of the loss on `(x, y)` through
     ``model.stateless_call(..., training=True)``: batch statistics as in
-    training, and no model state changed.
+    training, and no model state changed. The third is `||g + d * w||` with
+    each variable's `d` from `rule_decays`, or `||g||` where that is None.
     """
     loss_fn = loss_fn or keras.losses.get(model.loss)
 
@@ -291,16 +312,24 @@ def _probe_norms_function(model: keras.Model, loss_fn):
             loss = loss + layer_loss
         return loss
 
+    def norm(x):
+        return ops.sqrt(ops.sum(ops.square(x)))
+
     def norms(weights, gradients):
-        zero = ops.zeros([])
-        return ops.stack([ops.sqrt(ops.sum(ops.square(w))) for w in weights]), (
-            ops.stack(
+        gradients = [
+            ops.zeros_like(w) if g is None else g
+            for w, g in zip(weights, gradients, strict=True)
+        ]
+        gradient_norms = ops.stack([norm(g) for g in gradients])
+        rule_norms = gradient_norms
+        if rule_decays is not None:
+            rule_norms = ops.stack(
                 [
-                    zero if g is None else ops.sqrt(ops.sum(ops.square(g)))
-                    for g in gradients
+                    norm(g + d * w) if d else norm(g)
+                    for w, g, d in zip(weights, gradients, rule_decays, strict=True)
                 ]
             )
-        )
+        return ops.stack([norm(w) for w in weights]), gradient_norms, rule_norms
 
     backend = keras.backend.backend()
     if backend == "tensorflow":

@@ -8,6 +8,7 @@ is not installed.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -23,20 +24,28 @@ import numpy as np  # noqa: E402
 
 import lars_tf  # noqa: E402
 
-# --- The reference: the paper's Algorithm 1 with momentum, in float64. -------
+# --- The reference: the paper's Algorithm 1 with momentum, in float64, ------
+# --- and with decayed_gradient_norm the form of optax's `lars`. -------------
 
 
 def reference_step(w, v, g, lr, *, momentum, weight_decay, eta, epsilon, nesterov,
-                   clip, adapted):  # fmt: skip
+                   clip, adapted, decayed_gradient_norm=False):  # fmt: skip
     g = g.astype(np.float64)
+    decayed = g + weight_decay * w
     local_lr = lr
     if adapted:
-        w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
+        w_norm = np.linalg.norm(w)
+        if decayed_gradient_norm:
+            g_norm = np.linalg.norm(decayed)
+            denominator = g_norm + epsilon
+        else:
+            g_norm = np.linalg.norm(g)
+            denominator = g_norm + weight_decay * w_norm + epsilon
         ratio = 1.0
         if w_norm > 0 and g_norm > 0:
-            ratio = eta * w_norm / (g_norm + weight_decay * w_norm + epsilon)
+            ratio = eta * w_norm / denominator
         local_lr = min(ratio, lr) if clip else lr * ratio
-    update = local_lr * (g + weight_decay * w)
+    update = local_lr * decayed
     if momentum == 0:
         return w - update, v
     v = momentum * v + update
@@ -72,6 +81,7 @@ def reference_run(weights, grad_steps, lr, adapted, decays, kwargs, skip=()):
         epsilon=kwargs.get("epsilon", 0.0),
         nesterov=kwargs.get("nesterov", False),
         clip=kwargs.get("clip", False),
+        decayed_gradient_norm=kwargs.get("decayed_gradient_norm", False),
     )
     weights = [w.astype(np.float64) for w in weights]
     velocities = [np.zeros_like(w) for w in weights]
@@ -145,9 +155,16 @@ CASES = {
 }
 
 
+# The two forms of the trust ratio's denominator, each checked on every case.
+FORMS = {"paper": {}, "decayed_norm": dict(decayed_gradient_norm=True)}
+
+
 def check_reference_cases():
     errors = {}
-    for case, kwargs in CASES.items():
+    for (case, kwargs), (form, form_kwargs) in itertools.product(
+        CASES.items(), FORMS.items()
+    ):
+        kwargs = dict(kwargs, **form_kwargs)
         variables, weights, grad_steps = random_problem(seed=len(case))
         lr = 0.7 if kwargs.get("clip") else 1.5
         optimizer = lars_tf.LARS(learning_rate=lr, **kwargs)
@@ -155,7 +172,7 @@ def check_reference_cases():
             optimizer.apply_gradients(zip(grads, variables))
         adapted, decays = expected_flags(variables, kwargs)
         want, _ = reference_run(weights, grad_steps, lr, adapted, decays, kwargs)
-        errors[case] = relative_error(variables, want)
+        errors[f"{case}/{form}"] = relative_error(variables, want)
     return errors
 
 
@@ -391,7 +408,8 @@ def check_config_round_trip():
     optimizer = lars_tf.LARS(
         learning_rate=lars_tf.WarmupPolynomialDecay(2.0, 100, warmup_steps=10),
         momentum=0.8, weight_decay=1e-4, trust_coefficient=0.002, epsilon=1e-7,
-        nesterov=True, clip=True, exclude_from_adaptation=["bias", "bn"],
+        nesterov=True, clip=True, decayed_gradient_norm=True,
+        exclude_from_adaptation=["bias", "bn"],
         exclude_from_weight_decay=lars_tf.exclude_bias_and_norm, skip_nonfinite=True,
         clipnorm=1.0, name="my_lars",
     )  # fmt: skip
@@ -400,6 +418,7 @@ def check_config_round_trip():
     return (
         restored.get_config() == optimizer.get_config()
         and restored.weight_decay_exclusion is lars_tf.exclude_bias_and_norm
+        and restored.decayed_gradient_norm is True
     )
 
 
@@ -476,15 +495,20 @@ def check_schedule_and_warmup():
     }
 
 
-def check_monitor():
-    """Norms and rates of a linear model with an MSE loss, whose gradient is known."""
+def check_monitor(decayed_gradient_norm=False):
+    """Norms and rates of a linear model with an MSE loss, whose gradient is known.
+
+    The weight decay is large, so that the two forms of the ratio give kernel
+    rates 0.6% apart, far beyond the tolerance.
+    """
     rng = np.random.default_rng(1)
     x = rng.normal(size=(8, 4)).astype(np.float32)
     y = rng.normal(size=(8, 3)).astype(np.float32)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc")])
     model.compile(
-        lars_tf.LARS(0.5, weight_decay=1e-2, trust_coefficient=0.02,
-                     exclude_from_adaptation=lars_tf.exclude_bias_and_norm),
+        lars_tf.LARS(0.5, weight_decay=0.5, trust_coefficient=0.02,
+                     exclude_from_adaptation=lars_tf.exclude_bias_and_norm,
+                     decayed_gradient_norm=decayed_gradient_norm),
         "mean_squared_error",
     )  # fmt: skip
     model.layers[0].bias.assign(rng.normal(size=3).astype(np.float32))
@@ -498,7 +522,11 @@ def check_monitor():
     grads = [2 * x.T @ residual / residual.size, 2 * residual.sum(0) / residual.size]
     w_norms = np.array([np.linalg.norm(kernel), np.linalg.norm(bias)])
     g_norms = np.array([np.linalg.norm(g) for g in grads])
-    kernel_rate = 0.5 * 0.02 * w_norms[0] / (g_norms[0] + 1e-2 * w_norms[0])
+    if decayed_gradient_norm:
+        denominator = np.linalg.norm(grads[0] + 0.5 * kernel)
+    else:
+        denominator = g_norms[0] + 0.5 * w_norms[0]
+    kernel_rate = 0.5 * 0.02 * w_norms[0] / denominator
     return {
         "names": [row.name for row in stats],
         "weight_norms": relative_error([[r.weight_norm for r in stats]], [w_norms]),
@@ -507,6 +535,60 @@ def check_monitor():
             [[r.effective_learning_rate for r in stats]], [np.array([kernel_rate, 0.5])]
         ),
     }
+
+
+OPTAX_SCALES = (1.0, 1e-3, 1e-5)
+
+
+def check_optax(steps=20):
+    """`optax.lars` and `lars_tf.LARS` in both forms, on JAX, per gradient scale.
+
+    Four variables, constant rate, momentum 0.9, weight decay 1e-4, eta 1e-3,
+    epsilon 0; the same random gradients, multiplied by each scale. Each
+    figure is the largest weight difference to optax after `steps` steps,
+    relative to the largest distance optax moved that variable. None where
+    the backend is not JAX or optax is not installed.
+    """
+    if keras.backend.backend() != "jax":
+        return None
+    try:
+        import optax
+    except ImportError:
+        return None
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(17)
+    shapes = [(3, 3, 2, 4), (4,), (8, 5), (5,)]
+    initial = [rng.normal(size=shape).astype(np.float32) for shape in shapes]
+    unit_gradients = [
+        [rng.normal(size=shape).astype(np.float32) for shape in shapes]
+        for _ in range(steps)
+    ]
+    hyper = dict(learning_rate=2.0, momentum=0.9, weight_decay=1e-4,
+                 trust_coefficient=1e-3)  # fmt: skip
+    report = {}
+    for scale in OPTAX_SCALES:
+        gradients = [[scale * g for g in step] for step in unit_gradients]
+        transform = optax.lars(**hyper, eps=0.0)
+        params = [jnp.asarray(w) for w in initial]
+        state = transform.init(params)
+        for step in gradients:
+            updates, state = transform.update(
+                [jnp.asarray(g) for g in step], state, params
+            )
+            params = optax.apply_updates(params, updates)
+        want = [np.asarray(p, np.float64) for p in params]
+        moved = [np.abs(w - w0).max() for w, w0 in zip(want, initial, strict=True)]
+        for form, form_kwargs in FORMS.items():
+            variables = [keras.Variable(w) for w in initial]
+            optimizer = lars_tf.LARS(**hyper, epsilon=0.0, **form_kwargs)
+            for step in gradients:
+                optimizer.apply_gradients(zip(step, variables))
+            report[f"{scale:g}/{form}"] = max(
+                float(np.abs(keras.ops.convert_to_numpy(v) - w).max() / m)
+                for v, w, m in zip(variables, want, moved, strict=True)
+            )
+    return report
 
 
 def main():
@@ -526,8 +608,9 @@ def main():
         "fit_save_load": check_fit_and_save_load(),
         "mixed_precision": {p: check_mixed_precision(p) for p in policies},
         "warmup": check_schedule_and_warmup(),
-        "monitor": check_monitor(),
+        "monitor": {form: check_monitor(**kwargs) for form, kwargs in FORMS.items()},
         "steps_per_execution": check_steps_per_execution(),
+        "optax": check_optax(),
     }
     if args.save_to:
         report["saved"] = save_for_other_backends(args.save_to)

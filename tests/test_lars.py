@@ -15,6 +15,7 @@ import tensorflow as tf
 # per-backend checks (tests/ is on the path under pytest).
 from backend_check import (
     CASES,
+    FORMS,
     compiled_model,
     expected_flags,
     fit_data,
@@ -88,6 +89,7 @@ def hyper_of(kwargs):
         epsilon=kwargs.get("epsilon", 0.0),
         nesterov=kwargs.get("nesterov", False),
         clip=kwargs.get("clip", False),
+        decayed_gradient_norm=kwargs.get("decayed_gradient_norm", False),
     )
 
 
@@ -95,9 +97,10 @@ def hyper_of(kwargs):
 # step XLA-compiled, as model.compile(jit_compile=True) runs it (the norms take
 # another form there).
 @pytest.mark.parametrize("mode", ["graph", "own_jit", "outer_xla"])
+@pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_reference(case, mode):
-    kwargs = CASES[case]
+def test_matches_reference(case, form, mode):
+    kwargs = dict(CASES[case], **FORMS[form])
     variables, weights, grad_steps = random_problem(seed=len(case))
     lr = 0.7 if kwargs.get("clip") else 1.5
     optimizer = lars_tf.LARS(learning_rate=lr, jit_compile=mode == "own_jit", **kwargs)
@@ -181,6 +184,34 @@ def test_zero_norms_are_finite_and_match_reference(jit_compile):
         weights, grad_steps, [0.1] * 3, [True, True], [1e-2, 1e-2], **hyper_of({})
     )
     assert_close_to_reference(variables, expected)
+
+
+@pytest.mark.parametrize("mode", ["graph", "own_jit", "outer_xla"])
+def test_decayed_gradient_norm_guards_on_the_decayed_gradient(mode):
+    """A zero gradient with weight decay: the paper's ratio is 1, optax's is eta/d."""
+
+    def one_step(decayed_gradient_norm):
+        weight = keras.Variable(np.full((5,), 2.0, np.float32), name="w")
+        optimizer = lars_tf.LARS(
+            learning_rate=0.1,
+            momentum=0.0,
+            weight_decay=1e-2,
+            decayed_gradient_norm=decayed_gradient_norm,
+            jit_compile=mode == "own_jit",
+        )
+        optimizer.build([weight])
+        apply = tf.function(
+            lambda g: optimizer.apply_gradients([(g, weight)]),
+            jit_compile=mode == "outer_xla",
+        )
+        apply(tf.zeros((5,)))
+        return weight.numpy()
+
+    results = {form: one_step(form) for form in (False, True)}
+    # By hand: ||g|| = 0 gives ratio 1, so w = 2 - 0.1 * 1 * (0 + 0.01 * 2);
+    # ||g + d w|| = 0.02 * sqrt(5) gives ratio 0.001 * ||w|| / (d ||w||) = 0.1.
+    np.testing.assert_allclose(results[False], np.full(5, 1.998), rtol=1e-7)
+    np.testing.assert_allclose(results[True], np.full(5, 1.9998), rtol=1e-7)
 
 
 def test_indexed_slices_equal_dense():
@@ -351,6 +382,7 @@ def test_config_round_trip():
         epsilon=1e-7,
         nesterov=True,
         clip=True,
+        decayed_gradient_norm=True,
         exclude_from_adaptation=["bias", "bn"],
         exclude_from_weight_decay=lars_tf.exclude_bias_and_norm,
         jit_compile=True,
@@ -369,9 +401,11 @@ def test_config_round_trip():
         restored.coupled_weight_decay,
         restored.nesterov,
         restored.clip,
+        restored.decayed_gradient_norm,
         restored.jit_compile,
         restored.clipnorm,
-    ) == (0.8, 1e-4, True, True, True, 1.0)
+    ) == (0.8, 1e-4, True, True, True, True, 1.0)
+    assert lars_tf.LARS().get_config()["decayed_gradient_norm"] is False
 
 
 def test_fit_decreases_loss():
