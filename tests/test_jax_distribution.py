@@ -128,3 +128,24 @@ def test_two_processes_match_one_process(runs):
         # Two processes of one device each; Keras feeds each half the batch.
         assert (run["devices"], run["processes"], run["batch_fed"]) == (2, 2, 4)
         _assert_same_weights(runs["single"]["weights"], run["weights"])
+
+
+def test_model_parallel_sharded_kernels_match_one_device(runs):
+    """Kernels split over 2 devices by a LayoutMap: LARS takes whole-variable norms.
+
+    Run in the data-parallel process (2 host devices), in both forms of the
+    trust ratio. A norm of one device's shard instead of the whole variable
+    puts the weights about 0.1 (relative) off.
+    """
+    for form, run in runs["data_parallel"]["model_parallel"].items():
+        # The variables really are split: each device holds half a kernel.
+        assert run["shards"] == {
+            "dense_in/kernel": [[6, 8], [6, 4]],
+            "dense_in/bias": [[8], [4]],
+            "dense_out/kernel": [[8, 4], [4, 4]],
+            "dense_out/bias": [[4], [4]],
+        }, form
+        assert run["slots_sharded_as_weights"], form
+        assert run["same_start"], form
+        assert run["moved"] > 0.1, (form, run)  # kernels moved by > 10%
+        assert run["sharded_vs_one_device"] < TOLERANCE, (form, run)
