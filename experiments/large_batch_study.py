@@ -313,14 +313,14 @@ def train_one(config: RunConfig, data_dir: str | None) -> dict:
     import keras
 
     import lars_tf
-    from train import data, models
+    from train import data, models, sources
 
     settings = PART_SETTINGS[config.part]
     keras.backend.clear_session()
     keras.utils.set_random_seed(config.seed)
-    info = data.dataset_info(settings.source, data_dir, settings.tfds_name)
+    info = sources.describe(settings.source, data_dir, settings.tfds_name)
     split = held_out_split(config.part, data_dir) if config.validation else None
-    num_train = len(split.train_labels) if split else info.num_train_examples
+    num_train = len(split.train_labels) if split else info.train_examples
     train_examples = config.train_examples or num_train
     steps_per_epoch = train_examples // config.batch_size
     if steps_per_epoch < 1:
@@ -343,7 +343,7 @@ def train_one(config: RunConfig, data_dir: str | None) -> dict:
             split="train",
             global_batch_size=config.batch_size,
             # The whole training set, so an epoch is a true random permutation.
-            shuffle_buffer_size=info.num_train_examples,
+            shuffle_buffer_size=info.train_examples,
             **common,
         )()
         eval_data = data.make_input_fn(
@@ -1491,10 +1491,10 @@ def count_trainable_params(model_name: str, part: str, data_dir: str | None) -> 
     """Trainable parameters of ``model_name`` built for ``part``'s images."""
     import keras
 
-    from train import data, models
+    from train import models, sources
 
     settings = PART_SETTINGS[part]
-    info = data.dataset_info(settings.source, data_dir, settings.tfds_name)
+    info = sources.describe(settings.source, data_dir, settings.tfds_name)
     model = models.build_model(
         model_name, info.num_classes, settings.image_size, info.channels
     )

@@ -498,22 +498,22 @@ def mnist_dir(tmp_path):
 
 def test_read_idx_returns_stored_array(mnist_dir):
     path, arrays = mnist_dir
-    images = data.read_idx(str(path / "t10k-images-idx3-ubyte.gz"))
+    images = sources.read_idx(str(path / "t10k-images-idx3-ubyte.gz"))
     np.testing.assert_array_equal(images, arrays["validation"][0])
     raw = path / "raw-labels-idx1-ubyte"  # Uncompressed files work too.
     raw.write_bytes(gzip.decompress((path / "t10k-labels-idx1-ubyte.gz").read_bytes()))
-    np.testing.assert_array_equal(data.read_idx(str(raw)), arrays["validation"][1])
+    np.testing.assert_array_equal(sources.read_idx(str(raw)), arrays["validation"][1])
 
 
 def test_read_idx_rejects_bad_files(tmp_path):
     bad = tmp_path / "bad-idx"
     bad.write_bytes(b"\x01\x02\x08\x01\x00\x00\x00\x02ab")
     with pytest.raises(UserError, match=f"^{bad}: not an IDX file"):
-        data.read_idx(str(bad))
+        sources.read_idx(str(bad))
     short = tmp_path / "short-idx"
     short.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")
     with pytest.raises(UserError, match=f"^{short}: header says shape .5,. "):
-        data.read_idx(str(short))
+        sources.read_idx(str(short))
 
 
 def _mnist_input_fn(path, split, **kwargs):

@@ -24,7 +24,7 @@ per image with the features of the common ImageNet conversion scripts:
 
 Images are shuffled with a fixed seed before sharding so every shard mixes classes.
 ``dataset_info.json`` (example counts, number of classes, label mode, class
-folders) goes beside the shards for ``train.data.dataset_info``.
+folders) goes beside the shards for ``train.sources.describe``.
 """
 
 import collections

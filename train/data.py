@@ -29,11 +29,9 @@ stream and keeps every n-th batch of it, undecoded.
 """
 
 import dataclasses
-import gzip
 import os
 import re
 import sys
-import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -57,44 +55,18 @@ INFO_FILENAME = sources.INFO_FILENAME
 DTYPES = ("float32", "bfloat16", "float16", "uint8")
 RECORD_BUFFER_BYTES = 8 << 20
 # Starts the message of every error a pipeline raises about its data, so that
-# `user_error` can tell them from our own bugs.
+# `user_error` can tell them from our own bugs. A marker in the message, not a
+# type: an error raised inside a tf.data pipeline reaches Python as an OpError
+# that holds only its code and message (its op, node_def and payloads are
+# empty), a status being what TensorFlow passes between its threads and from
+# tf.data service workers. The code does not tell either: `tf.debugging.Assert`
+# raises InvalidArgumentError, as many bugs do.
 _DATA_ERROR = "[input data] "
 # How many records before each one a pipeline remembers, to name those that
 # fail to decode.
 _NAMES_KEPT = 8
 # Record keys are file number * _FILE_KEY + record number in the file.
 _FILE_KEY = 1 << 40
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What a model and a schedule need to know about a dataset."""
-
-    num_classes: int
-    num_train_examples: int
-    num_eval_examples: int
-    channels: int
-
-
-def dataset_info(
-    source: str,
-    data_dir: str | None,
-    tfds_name: str | None = None,
-    *,
-    num_classes: int | None = None,
-    label_offset: int | None = None,
-) -> DatasetInfo:
-    """The sizes of a source's data (`sources.describe`, in brief)."""
-    facts = sources.describe(
-        source,
-        data_dir,
-        tfds_name,
-        num_classes=num_classes,
-        label_offset=label_offset,
-    )
-    return DatasetInfo(
-        facts.num_classes, facts.train_examples, facts.eval_examples, facts.channels
-    )
 
 
 def user_error(error: tf.errors.OpError) -> UserError | None:
@@ -912,31 +884,6 @@ def _shard_examples(
 # IDX (MNIST format)
 
 
-def read_idx(path: str) -> np.ndarray:
-    """An IDX file (gzipped or not) as a NumPy array of its stored shape.
-
-    Supports the unsigned-byte type (0x08) that MNIST and Fashion-MNIST use;
-    raises UserError naming the file when it is unreadable or inconsistent.
-    """
-    shape = sources.idx_shape(path)  # Checks the magic number and the type.
-    try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            data = f.read()
-        if path.endswith(".gz"):
-            data = gzip.decompress(data)
-    except (OSError, EOFError, zlib.error, tf.errors.OpError) as error:
-        reason = getattr(error, "message", None) or str(error) or type(error).__name__
-        raise UserError(f"{path}: unreadable ({reason})") from None
-    header_end = 4 + 4 * len(shape)
-    expected = int(np.prod(shape))
-    if len(data) - header_end != expected:
-        raise UserError(
-            f"{path}: header says shape {shape} ({expected} bytes), the file "
-            f"has {len(data) - header_end} bytes of data"
-        )
-    return np.frombuffer(data, np.uint8, offset=header_end).reshape(shape)
-
-
 def load_idx_split(data_dir: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images [N, 28, 28, 1] uint8, labels [N] int64) of an MNIST-format split."""
     paths = [os.path.join(data_dir or "", name) for name in sources.IDX_FILES[split]]
@@ -946,7 +893,7 @@ def load_idx_split(data_dir: str | None, split: str) -> tuple[np.ndarray, np.nda
                 f"--data_dir={data_dir}: no {os.path.basename(path)} (the {split} "
                 f"split needs {' and '.join(sources.IDX_FILES[split])})"
             )
-    images, labels = (read_idx(path) for path in paths)
+    images, labels = (sources.read_idx(path) for path in paths)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise UserError(
             f"{paths[0]}: shape {images.shape} does not match the labels' "

@@ -24,6 +24,7 @@ import dataclasses
 import glob
 import gzip
 import json
+import math
 import os
 import struct
 import zlib
@@ -244,6 +245,29 @@ def idx_shape(path: str) -> tuple[int, ...]:
     """The shape in an IDX file's header (gzipped or not), reading only the
     header; raises UserError naming the file when it is not an IDX file of
     unsigned bytes (the type MNIST and Fashion-MNIST use)."""
+    return _read_idx(path, header_only=True)[0]
+
+
+def read_idx(path: str) -> "numpy.ndarray":  # noqa: F821  (imported inside)
+    """An IDX file (gzipped or not) as a NumPy array of its stored shape.
+
+    Supports the unsigned-byte type (0x08) that MNIST and Fashion-MNIST use;
+    raises UserError naming the file when it is unreadable or inconsistent.
+    """
+    import numpy as np  # Here, not at the top: the flag checks read headers only.
+
+    shape, data = _read_idx(path, header_only=False)
+    expected = math.prod(shape)
+    if len(data) != expected:
+        raise UserError(
+            f"{path}: header says shape {shape} ({expected} bytes), the file "
+            f"has {len(data)} bytes of data"
+        )
+    return np.frombuffer(data, np.uint8).reshape(shape)
+
+
+def _read_idx(path: str, header_only: bool) -> tuple[tuple[int, ...], bytes]:
+    """(shape, data bytes) of an IDX file; no data bytes ``header_only``."""
     try:
         with open_binary(path) as raw:
             stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
@@ -255,13 +279,19 @@ def idx_shape(path: str) -> tuple[int, ...]:
                     f"{path}: IDX type {magic[2]:#x} is not unsigned bytes (0x08)"
                 )
             header = stream.read(4 * magic[3])
+            if len(header) < 4 * magic[3]:
+                raise UserError(f"{path}: truncated IDX header")
+            data = b"" if header_only else stream.read()
     except (OSError, EOFError, zlib.error) as error:
         raise UserError(f"{path}: unreadable ({_reason(error)})") from None
-    if len(header) < 4 * magic[3]:
-        raise UserError(f"{path}: truncated IDX header")
-    return tuple(
+    except Exception as error:  # TensorFlow's file system errors (URLs).
+        if type(error).__module__.startswith("tensorflow"):
+            raise UserError(f"{path}: unreadable ({_reason(error)})") from None
+        raise
+    shape = tuple(
         int.from_bytes(header[i : i + 4], "big") for i in range(0, len(header), 4)
     )
+    return shape, data
 
 
 def _describe_imagenet(data_dir: str, label_offset: int | None) -> Source:
@@ -348,9 +378,21 @@ def count_records(path: str) -> int:
     record), so it finds truncated files, garbage and files of another format;
     a damaged byte inside a record's data is found only when it is read.
 
+    TensorFlow's own readers (`tf.data.TFRecordDataset`,
+    `tf.compat.v1.io.tf_record_iterator`) raise `DataLossError` on the same
+    faults, but only by reading all of the data, and their messages do not
+    name the file; this walk reads 12 bytes per record (docs/data.md has the
+    cost of both), so a pipeline can check its files before its first step,
+    ImageNet's included. Its count is also what names a file whose data fails
+    its checksum later ("not all of its N records could be read"), which a
+    reader that stops at the bad record cannot give. The checksum is
+    TensorBoard's, the one its event-file writer frames records with.
+
     Raises:
       UserError: naming the file and what is wrong with it.
     """
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
     offset = count = 0
     try:
         with open_binary(path, buffered=False) as file:
@@ -365,7 +407,7 @@ def count_records(path: str) -> int:
                         f"the header of record {count} (at byte {offset})"
                     )
                 length, length_crc = struct.unpack("<QI", header)
-                if _masked_crc32c(header[:8]) != length_crc:
+                if masked_crc32c(header[:8]) != length_crc:
                     if count == 0:
                         raise UserError(
                             f"{path}: not a TFRecord file (no valid record header "
@@ -389,28 +431,6 @@ def count_records(path: str) -> int:
             f"{offset}, the file has {size} bytes"
         )
     return count
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli.
-        table.append(crc)
-    return table
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def _masked_crc32c(data: bytes) -> int:
-    """TFRecord's checksum: CRC32C, rotated right by 15 bits plus a constant."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _require_dir(data_dir: str | None, source: str) -> None:
