@@ -104,7 +104,8 @@ def _define_data_flags(fv: dict) -> None:
         "model",
         "small_alexnet_bn",
         "Model to train: a builder of train/models.py (small_alexnet_bn, "
-        "small_alexnet, alexnet, alexnet_bn, resnet50, googlenet, resnet20).",
+        "small_alexnet, alexnet, alexnet_bn, resnet50, googlenet, resnet20, "
+        "resnet8).",
         **fv,
     )
     flags.DEFINE_enum(
