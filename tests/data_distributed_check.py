@@ -8,7 +8,6 @@ one JSON line of what the distributed datasets delivered.
 
 import json
 import os
-import sys
 import tempfile
 
 import numpy as np
@@ -19,10 +18,7 @@ tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * 2
 )
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from test_data import _example, _image, _write  # noqa: E402
+from helpers import imagenet_example, smooth_image, write_records  # noqa: E402
 
 from train import data  # noqa: E402
 
@@ -30,10 +26,12 @@ root = tempfile.mkdtemp()
 rng = np.random.default_rng(0)
 for split in ("train", "validation"):
     for k in range(2):
-        records = [_example(tf.io.encode_jpeg(_image(rng)).numpy(), k + 1)] * 5
+        records = [
+            imagenet_example(tf.io.encode_jpeg(smooth_image(rng)).numpy(), k + 1)
+        ] * 5
         if split == "validation" and k == 1:
-            records[2] = _example(b"\xff\xd8\xff\xe0 not a JPEG", k + 1)
-        _write(os.path.join(root, f"{split}-{k:05d}-of-00002"), records)
+            records[2] = imagenet_example(b"\xff\xd8\xff\xe0 not a JPEG", k + 1)
+        write_records(os.path.join(root, f"{split}-{k:05d}-of-00002"), records)
 
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 report = {}

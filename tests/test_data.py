@@ -1,64 +1,23 @@
 """Tests of train/data.py and train/preprocessing.py on small hand-written files."""
 
 import gzip
-import json
 import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import HEIGHT, WIDTH
+from helpers import imagenet_example as _example
+from helpers import smooth_image as _image
+from helpers import write_records as _write
 
 from train import UserError, data, preprocessing, sources
 
 NUM_TRAIN_FILES = 4
 PER_FILE = 6
-HEIGHT, WIDTH = 40, 56  # Not square, so crops and aspect ratios matter.
 MEAN = np.array([0.485, 0.456, 0.406], np.float64) * 255  # ImageNet statistics.
 STD = np.array([0.229, 0.224, 0.225], np.float64) * 255
-
-
-def _image(rng: np.random.Generator) -> np.ndarray:
-    """A smooth random picture (JPEG keeps it close to the original)."""
-    ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH]
-    image = np.stack(
-        [
-            128 + 100 * np.sin(xs / rng.uniform(3, 9) + rng.uniform(0, 6)),
-            128 + 100 * np.cos(ys / rng.uniform(3, 9)),
-            np.full_like(xs, rng.integers(0, 256)),
-        ],
-        axis=-1,
-    )
-    return image.astype(np.uint8)
-
-
-def _example(jpeg: bytes, label: int, boxes=()) -> bytes:
-    """A record with the standard ImageNet features (boxes: ymin, xmin, ymax, xmax)."""
-    feature = {
-        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg])),
-        "image/class/label": tf.train.Feature(
-            int64_list=tf.train.Int64List(value=[label])
-        ),
-        "image/class/text": tf.train.Feature(
-            bytes_list=tf.train.BytesList(value=[f"class {label}".encode()])
-        ),
-    }
-    for position, side in enumerate(("ymin", "xmin", "ymax", "xmax")):
-        if boxes:
-            feature[f"image/object/bbox/{side}"] = tf.train.Feature(
-                float_list=tf.train.FloatList(value=[b[position] for b in boxes])
-            )
-    return tf.train.Example(
-        features=tf.train.Features(feature=feature)
-    ).SerializeToString()
-
-
-def _write(path: str, records: list[bytes]) -> None:
-    with tf.io.TFRecordWriter(path) as writer:
-        for record in records:
-            writer.write(record)
 
 
 @pytest.fixture(scope="module")
@@ -434,14 +393,9 @@ def test_missing_dir_names_path_and_patterns(tmp_path):
         _input_fn(str(tmp_path))()
 
 
-def test_under_mirrored_strategy():
+def test_under_mirrored_strategy(check_scripts):
     """Per-replica batches, and the skip counter built inside strategy.scope()."""
-    script = os.path.join(os.path.dirname(__file__), "data_distributed_check.py")
-    result = subprocess.run(
-        [sys.executable, script], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = check_scripts.run("data_distributed_check.py")
     assert report["train_image_shapes"] == [[4, 16, 16, 3], [4, 16, 16, 3]]
     assert report["train_dtype"] == "float32"
     # 5 records of stored label 1 and 5 of label 2, one of those corrupt.
