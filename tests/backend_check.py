@@ -12,7 +12,6 @@ import itertools
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 
@@ -21,68 +20,22 @@ if "--without-tensorflow" in sys.argv:
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from helpers import (  # noqa: E402
+    CASES,
+    FORMS,
+    compiled_model,
+    expected_flags,
+    fit_data,
+    hyper_of,
+    random_problem,
+    reference_step,
+)
 
 import lars_tf  # noqa: E402
 
-# --- The reference: the paper's Algorithm 1 with momentum, in float64, ------
-# --- and with decayed_gradient_norm the form of optax's `lars`. -------------
-
-
-def reference_step(w, v, g, lr, *, momentum, weight_decay, eta, epsilon, nesterov,
-                   clip, adapted, decayed_gradient_norm=False):  # fmt: skip
-    g = g.astype(np.float64)
-    decayed = g + weight_decay * w
-    local_lr = lr
-    if adapted:
-        w_norm = np.linalg.norm(w)
-        if decayed_gradient_norm:
-            g_norm = np.linalg.norm(decayed)
-            denominator = g_norm + epsilon
-        else:
-            g_norm = np.linalg.norm(g)
-            denominator = g_norm + weight_decay * w_norm + epsilon
-        ratio = 1.0
-        if w_norm > 0 and g_norm > 0:
-            ratio = eta * w_norm / denominator
-        local_lr = min(ratio, lr) if clip else lr * ratio
-    update = local_lr * decayed
-    if momentum == 0:
-        return w - update, v
-    v = momentum * v + update
-    if nesterov:
-        return w - (momentum * v + update), v
-    return w - v, v
-
-
-def expected_flags(variables, kwargs):
-    def excluded(rule, v):
-        if rule is None:
-            return False
-        if callable(rule):
-            return len(v.shape) <= 1
-        return any(re.search(p, v.path) for p in rule)
-
-    adapted = [
-        not excluded(kwargs.get("exclude_from_adaptation"), v) for v in variables
-    ]
-    decays = [
-        0.0
-        if excluded(kwargs.get("exclude_from_weight_decay"), v)
-        else kwargs.get("weight_decay", 0.0)
-        for v in variables
-    ]
-    return adapted, decays
-
 
 def reference_run(weights, grad_steps, lr, adapted, decays, kwargs, skip=()):
-    hyper = dict(
-        momentum=kwargs.get("momentum", 0.9),
-        eta=kwargs.get("trust_coefficient", 0.001),
-        epsilon=kwargs.get("epsilon", 0.0),
-        nesterov=kwargs.get("nesterov", False),
-        clip=kwargs.get("clip", False),
-        decayed_gradient_norm=kwargs.get("decayed_gradient_norm", False),
-    )
+    hyper = hyper_of(kwargs)
     weights = [w.astype(np.float64) for w in weights]
     velocities = [np.zeros_like(w) for w in weights]
     for step, grads in enumerate(grad_steps):
@@ -96,29 +49,6 @@ def reference_run(weights, grad_steps, lr, adapted, decays, kwargs, skip=()):
     return weights, velocities
 
 
-def small_model(name="model"):
-    inputs = keras.Input((6, 6, 3))
-    x = keras.layers.Conv2D(4, 3, name="conv1")(inputs)
-    x = keras.layers.BatchNormalization(name="bn1")(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.Flatten()(x)
-    outputs = keras.layers.Dense(5, name="fc")(x)
-    return keras.Model(inputs, outputs, name=name)
-
-
-def random_problem(seed, num_steps=3):
-    rng = np.random.default_rng(seed)
-    variables = small_model().trainable_variables
-    for v in variables:
-        v.assign(rng.normal(size=v.shape).astype(np.float32))
-    grad_steps = [
-        [(rng.normal(size=v.shape) * rng.uniform(0.01, 2)).astype(np.float32)
-         for v in variables]
-        for _ in range(num_steps)
-    ]  # fmt: skip
-    return variables, [keras.ops.convert_to_numpy(v) for v in variables], grad_steps
-
-
 def relative_error(got, want):
     """Largest |got - want|, relative to the largest |want| of each array."""
     return max(
@@ -130,42 +60,13 @@ def relative_error(got, want):
     )
 
 
-CASES = {
-    "plain": dict(momentum=0.9),
-    "no_momentum_decay": dict(momentum=0.0, weight_decay=1e-2),
-    "tiny_momentum_decay": dict(momentum=1e-40, weight_decay=1e-2),
-    "numpy_scalars": dict(momentum=np.float32(0.9), weight_decay=np.float64(1e-3)),
-    "nesterov": dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
-    "clip": dict(momentum=0.9, clip=True, weight_decay=1e-3),
-    "weight_decay_epsilon": dict(momentum=0.9, weight_decay=5e-3, epsilon=1e-5),
-    "big_eta": dict(momentum=0.8, trust_coefficient=0.02, weight_decay=1e-4),
-    "regex_exclusion": dict(
-        momentum=0.9,
-        weight_decay=1e-2,
-        exclude_from_adaptation=["bias$", r"bn\d/"],
-        exclude_from_weight_decay=["bn1/beta"],
-    ),
-    "predicate_exclusion": dict(
-        momentum=0.9,
-        weight_decay=1e-2,
-        nesterov=True,
-        exclude_from_adaptation=lars_tf.exclude_bias_and_norm,
-        exclude_from_weight_decay=lars_tf.exclude_bias_and_norm,
-    ),
-}
-
-
-# The two forms of the trust ratio's denominator, each checked on every case.
-FORMS = {"paper": {}, "decayed_norm": dict(decayed_gradient_norm=True)}
-
-
 def check_reference_cases():
     errors = {}
     for (case, kwargs), (form, form_kwargs) in itertools.product(
         CASES.items(), FORMS.items()
     ):
         kwargs = dict(kwargs, **form_kwargs)
-        variables, weights, grad_steps = random_problem(seed=len(case))
+        variables, weights, grad_steps = random_problem(seed=len(case), num_steps=3)
         lr = 0.7 if kwargs.get("clip") else 1.5
         optimizer = lars_tf.LARS(learning_rate=lr, **kwargs)
         for grads in grad_steps:
@@ -220,25 +121,6 @@ def check_skip_nonfinite():
     )
     report["iterations"] = int(keras.ops.convert_to_numpy(optimizer.iterations))
     return report
-
-
-def fit_data(n=128, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 6, 6, 3)).astype(np.float32)
-    y = np.argmax(x.reshape(n, -1) @ rng.normal(size=(108, 5)), axis=1)
-    return x, y
-
-
-def compiled_model(seed=0, **lars_kwargs):
-    keras.utils.set_random_seed(seed)
-    model = small_model()
-    model.compile(
-        optimizer=lars_tf.LARS(
-            learning_rate=1.0, trust_coefficient=0.01, weight_decay=1e-4, **lars_kwargs
-        ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    return model
 
 
 def check_fit_and_save_load():

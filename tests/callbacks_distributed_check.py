@@ -13,6 +13,7 @@ import json
 import keras
 import numpy as np
 import tensorflow as tf
+from helpers import conv_bn_model
 
 import lars_tf
 from lars_tf import LearningRateWarmup, TrustRatioMonitor
@@ -22,27 +23,6 @@ rng = np.random.default_rng(0)
 x = rng.normal(size=(32, 6, 6, 2)).astype(np.float32)
 y = rng.integers(0, 3, size=(32,)).astype(np.int32)
 probe = (x[:GLOBAL_BATCH], y[:GLOBAL_BATCH])
-
-
-def conv_bn_model(optimizer) -> keras.Model:
-    """A conv + batch norm + dense classifier of 6x6x2 images, compiled, seeded."""
-    keras.utils.set_random_seed(1)
-    model = keras.Sequential(
-        [
-            keras.Input((6, 6, 2)),
-            # No bias before batch norm: its gradient would be roundoff noise.
-            keras.layers.Conv2D(4, 3, use_bias=False, name="conv1"),
-            keras.layers.BatchNormalization(name="bn1"),
-            keras.layers.ReLU(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(3, name="fc"),
-        ]
-    )
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    return model
 
 
 def make_model():

@@ -16,6 +16,10 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
 
 
+def _label(script, name):
+    return script if name == script else f"{script} {name}"
+
+
 def _run_checks(script, commands, env=None, timeout=300):
     """Runs tests/`script` once per `{name: arguments}` entry, all at once.
 
@@ -56,7 +60,7 @@ def _run_checks(script, commands, env=None, timeout=300):
                     timeout=max(1, deadline - time.monotonic())
                 )
             except subprocess.TimeoutExpired:
-                pytest.fail(f"{script} {name}: still running after {timeout} s")
+                pytest.fail(f"{_label(script, name)}: still running after {timeout} s")
     finally:
         for process in processes.values():
             if process.poll() is None:
@@ -66,7 +70,7 @@ def _run_checks(script, commands, env=None, timeout=300):
     for name, process in processes.items():
         stdout, stderr = outputs[name]
         assert process.returncode == 0, (
-            f"{script} {name} exited {process.returncode}:\n"
+            f"{_label(script, name)} exited {process.returncode}:\n"
             f"{stdout[-1500:]}\n{stderr[-3000:]}"
         )
         reports[name] = json.loads(stdout.strip().splitlines()[-1])

@@ -2,7 +2,8 @@
 
 Importable as `helpers`: pytest puts tests/ on the path (`pythonpath` in
 pyproject.toml), and a check script run as `python tests/<name>_check.py` has
-its own folder on the path. Keras and NumPy only at import, because
+its own folder on the path (by hand, from the repository root:
+`PYTHONPATH=. python tests/<name>_check.py`). Keras and NumPy only at import, because
 backend_check.py imports this module on JAX and PyTorch with TensorFlow made
 unimportable; the TFRecord helpers import TensorFlow when called.
 """

@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 
 GLOBAL_BATCH = 8
 STEPS = 6
@@ -205,8 +204,6 @@ def main() -> None:
     os.environ["KERAS_BACKEND"] = "jax"
     if args.layout == "data_parallel":
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    # The repository root, for lars_tf and train.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     import jax
     import keras

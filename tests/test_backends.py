@@ -10,14 +10,8 @@ large, see docs/optimizer.md).
 """
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
-
-CHECK = os.path.join(os.path.dirname(__file__), "backend_check.py")
 
 
 def _installed(package):
@@ -41,24 +35,17 @@ BACKENDS = [
 ]
 
 
-def run_check(backend, *arguments):
+def run_check(check_scripts, backend, *arguments):
     """The check's report; JAX and PyTorch run as if TensorFlow were absent."""
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
     if backend != "tensorflow":
         arguments = ("--without-tensorflow", *arguments)
-    result = subprocess.run(
-        [sys.executable, CHECK, *arguments],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
+    return check_scripts.run(
+        "backend_check.py", *arguments, env={"KERAS_BACKEND": backend}, timeout=600
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
+def reports(tmp_path_factory, check_scripts):
     """`report(backend)`: the check's report, one process per backend.
 
     TensorFlow's check runs first and saves a `.keras` model that the other
@@ -70,10 +57,10 @@ def reports(tmp_path_factory):
     def report(backend):
         if backend not in done:
             if backend == "tensorflow":
-                done[backend] = run_check(backend, "--save-to", saved)
+                done[backend] = run_check(check_scripts, backend, "--save-to", saved)
             else:
                 report("tensorflow")
-                done[backend] = run_check(backend, "--load-from", saved)
+                done[backend] = run_check(check_scripts, backend, "--load-from", saved)
         return done[backend]
 
     return report

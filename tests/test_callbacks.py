@@ -6,19 +6,12 @@ with ``x = 1``, target -100 and the mean absolute error has gradient 1 while
 """
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-# The model the MirroredStrategy check trains, one copy (tests/ is on the
-# path under pytest).
-from callbacks_distributed_check import conv_bn_model
+from helpers import conv_bn_model
 
 import lars_tf
 from lars_tf import (
@@ -311,14 +304,9 @@ def test_throughput_skips_compilation_steps_and_logs_rates():
         Throughput(batch_size=0)
 
 
-def test_monitor_under_mirrored_strategy():
+def test_monitor_under_mirrored_strategy(check_scripts):
     """MirroredStrategy over 2 logical CPUs, in its own process."""
-    script = os.path.join(os.path.dirname(__file__), "callbacks_distributed_check.py")
-    result = subprocess.run(
-        [sys.executable, script], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = check_scripts.run("callbacks_distributed_check.py")
     assert report["replicas"] == 2
     for loop in ("fit", "custom_loop"):
         assert report[loop]["steps"] == [0, 2, 4], report

@@ -8,12 +8,7 @@ once and train the same model on the same tiny MNIST-format data through
 
 import gzip
 import importlib.util
-import json
-import os
 import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +17,6 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="JAX is not installed"
 )
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "jax_distribution_check.py")
 TIMEOUT_SECONDS = 600  # all four together; 2-3 minutes on a loaded 2-core CPU
 TOLERANCE = 1e-5  # float32 sums in another order
 IDX_FILES = (  # train.data.IDX_FILES, without importing TensorFlow here
@@ -46,7 +40,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, check_scripts):
     """The four layouts' JSON reports and weights, keyed by run name."""
     folder = tmp_path_factory.mktemp("jax_distribution")
     data_dir = folder / "mnist"
@@ -63,33 +57,18 @@ def runs(tmp_path_factory):
         "process_0": ["--layout=multi_process", "--process_id=0"],
         "process_1": ["--layout=multi_process", "--process_id=1"],
     }
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)  # the script sets its own
-    processes = {}
-    try:
-        for name, flags in commands.items():
-            processes[name] = subprocess.Popen(
-                [sys.executable, SCRIPT, *flags, f"--data_dir={data_dir}"]
-                + [f"--output={folder / name}.npz", f"--coordinator={coordinator}"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=env,
-            )
-        deadline = time.monotonic() + TIMEOUT_SECONDS
-        outputs = {
-            name: process.communicate(timeout=max(1, deadline - time.monotonic()))[0]
-            for name, process in processes.items()
-        }
-    finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    common = [f"--data_dir={data_dir}", f"--coordinator={coordinator}"]
+    reports = check_scripts.run_all(
+        "jax_distribution_check.py",
+        {
+            name: [*flags, *common, f"--output={folder / name}.npz"]
+            for name, flags in commands.items()
+        },
+        env={"XLA_FLAGS": None},  # the script sets its own
+        timeout=TIMEOUT_SECONDS,
+    )
     results = {}
-    for name, process in processes.items():
-        assert process.returncode == 0, f"{name} failed:\n{outputs[name][-3000:]}"
-        report = json.loads(outputs[name].strip().splitlines()[-1])
+    for name, report in reports.items():
         with np.load(folder / f"{name}.npz") as weights:
             report["weights"] = dict(weights)
         results[name] = report

@@ -10,15 +10,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-# The reference, the paper's Algorithm 1 in float64, is shared with the
-# per-backend checks (tests/ is on the path under pytest).
-from backend_check import (
+from helpers import (
     CASES,
     FORMS,
     compiled_model,
     expected_flags,
     fit_data,
+    hyper_of,
+    random_problem,
     reference_step,
 )
 
@@ -42,35 +41,6 @@ def reference_run(weights, grad_steps, lrs, adapted, decays, **hyper):
     return weights
 
 
-def small_model(with_bn=True):
-    inputs = keras.Input((6, 6, 3))
-    x = keras.layers.Conv2D(4, 3, name="conv1")(inputs)
-    if with_bn:
-        x = keras.layers.BatchNormalization(name="bn1")(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.Flatten()(x)
-    outputs = keras.layers.Dense(5, name="fc")(x)
-    return keras.Model(inputs, outputs, name="model")
-
-
-def random_problem(seed, num_steps=4):
-    """A model's variables set to random values, and random gradients."""
-    rng = np.random.default_rng(seed)
-    model = small_model()
-    variables = model.trainable_variables
-    for v in variables:
-        v.assign(rng.normal(size=v.shape).astype(np.float32))
-    weights = [v.numpy() for v in variables]
-    grad_steps = [
-        [
-            (rng.normal(size=v.shape) * rng.uniform(0.01, 2)).astype(np.float32)
-            for v in variables
-        ]
-        for _ in range(num_steps)
-    ]
-    return variables, weights, grad_steps
-
-
 def assert_close_to_reference(variables, expected):
     for variable, want in zip(variables, expected):
         np.testing.assert_allclose(
@@ -82,17 +52,6 @@ def assert_close_to_reference(variables, expected):
         )
 
 
-def hyper_of(kwargs):
-    return dict(
-        momentum=kwargs.get("momentum", 0.9),
-        eta=kwargs.get("trust_coefficient", 0.001),
-        epsilon=kwargs.get("epsilon", 0.0),
-        nesterov=kwargs.get("nesterov", False),
-        clip=kwargs.get("clip", False),
-        decayed_gradient_norm=kwargs.get("decayed_gradient_norm", False),
-    )
-
-
 # graph: tf.function; own_jit: LARS(jit_compile=True); outer_xla: the whole
 # step XLA-compiled, as model.compile(jit_compile=True) runs it (the norms take
 # another form there).
@@ -101,7 +60,7 @@ def hyper_of(kwargs):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_reference(case, form, mode):
     kwargs = dict(CASES[case], **FORMS[form])
-    variables, weights, grad_steps = random_problem(seed=len(case))
+    variables, weights, grad_steps = random_problem(seed=len(case), num_steps=4)
     lr = 0.7 if kwargs.get("clip") else 1.5
     optimizer = lars_tf.LARS(learning_rate=lr, jit_compile=mode == "own_jit", **kwargs)
     optimizer.build(variables)
@@ -125,7 +84,7 @@ def test_matches_reference(case, form, mode):
 
 
 def test_learning_rate_schedule_and_callable():
-    variables, weights, grad_steps = random_problem(seed=3)
+    variables, weights, grad_steps = random_problem(seed=3, num_steps=4)
     # Keras's piecewise rule: values[0] while step <= boundaries[0], and so on.
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
         [1, 2], [2.0, 1.0, 0.5]
@@ -513,14 +472,9 @@ def test_mixed_precision_trains_with_float32_slots(policy):
     assert {m.dtype for m in optimizer.momentums} == {"float32"}
 
 
-def test_distributed_matches_single_device():
+def test_distributed_matches_single_device(check_scripts):
     """MirroredStrategy over 2 logical CPUs, in its own process."""
-    script = os.path.join(os.path.dirname(__file__), "lars_distributed_check.py")
-    result = subprocess.run(
-        [sys.executable, script], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = check_scripts.run("lars_distributed_check.py")
     # Same global batch on one device and on two replicas: same weights.
     for jit in ("jit_off", "jit_on"):
         assert report[jit]["max_abs_diff_mirrored_vs_single"] < 1e-5, report
