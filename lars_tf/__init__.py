@@ -18,6 +18,7 @@ from lars_tf.schedules import (
     ScheduleWithWarmup,
     WarmupCosineDecay,
     WarmupPolynomialDecay,
+    WarmupStepDecay,
     linear_warmup,
     scaled_learning_rate,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "TrustRatioMonitor",
     "WarmupCosineDecay",
     "WarmupPolynomialDecay",
+    "WarmupStepDecay",
     "exclude_bias_and_norm",
     "linear_warmup",
     "local_learning_rate",

@@ -1,7 +1,10 @@
 """Tests of lars_tf.LARS against an independent float64 NumPy reference."""
 
+import importlib
+import inspect
 import json
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -328,6 +331,22 @@ def test_keras_decoupled_weight_decay_is_not_applied():
 def test_bad_arguments_raise_naming_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=re.escape(f"`{argument}`")):
         lars_tf.LARS(**kwargs)
+
+
+def test_every_saveable_class_is_exported():
+    """Each class a lars_tf module registers with Keras is `lars_tf.<name>`."""
+    registered = set()
+    for info in pkgutil.iter_modules(lars_tf.__path__):
+        module = importlib.import_module(f"lars_tf.{info.name}")
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if keras.saving.get_registered_name(cls) == f"lars_tf>{name}":
+                registered.add(name)
+    assert {"LARS", "WarmupCosineDecay"} <= registered  # the search works
+    assert registered <= set(lars_tf.__all__)
+    for name in registered:
+        assert getattr(lars_tf, name) is keras.saving.get_registered_object(
+            f"lars_tf>{name}"
+        )
 
 
 def test_config_round_trip():
