@@ -6,10 +6,14 @@ computed by `LARS.local_learning_rate`, as LARS itself computes it.
 """
 
 import importlib.util
+import io
 import math
 from typing import NamedTuple
 
 import keras
+import rich.box
+import rich.console
+import rich.table
 from keras import ops
 
 from lars_tf.callbacks import StepCounter, inner_optimizer
@@ -58,6 +62,12 @@ class TrustRatioMonitor(StepCounter):
     ``clip=True``, ``lr`` for variables excluded from adaptation), using
     ``LARS.local_learning_rate`` with each variable's settings; for
     any other optimizer, ``lr``. ``lr`` is the optimizer's rate at its current step.
+
+    The ``||g||`` column (``gradient_norm``) and ``ratio`` are of the loss's
+    gradient alone, as in the paper's Table 2, in both forms of LARS's ratio.
+    With ``LARS(decayed_gradient_norm=True)`` LARS's trust ratio takes
+    ``||g + d * w||`` (``d`` the variable's weight decay) instead, and so does
+    the effective rate the monitor reports, so that it is the rate applied.
 
     Args:
         probe_batch: ``(x, y)`` on which gradients are taken; keep it the size
@@ -183,26 +193,22 @@ class TrustRatioMonitor(StepCounter):
         header = ["Layer", "||w||", "||∇w||", "||w||/||∇w||"]
         if learning_rate:
             header.append("LARS lr")
-        rows = []
+        # rich (a Keras dependency; it draws `model.summary()`) lays it out.
+        table = rich.table.Table(
+            *header, box=rich.box.ASCII, show_edge=False, pad_edge=False
+        )
+        for column in table.columns[1:]:
+            column.justify = "right"
         for row in stats:
-            cells = [
-                row.name,
-                f"{row.weight_norm:.3g}",
-                f"{row.gradient_norm:.3g}",
-                f"{row.ratio:.3g}",
-            ]
+            numbers = [row.weight_norm, row.gradient_norm, row.ratio]
             if learning_rate:
-                cells.append(f"{row.effective_learning_rate:.3g}")
-            rows.append(cells)
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines = []
-        for cells in [header, *rows]:
-            first, *numbers = cells
-            padded = [first.ljust(widths[0])]
-            padded += [c.rjust(w) for c, w in zip(numbers, widths[1:], strict=True)]
-            lines.append(" | ".join(padded))
-        lines.insert(1, "-+-".join("-" * w for w in widths))
-        return "\n".join(lines)
+                numbers.append(row.effective_learning_rate)
+            table.add_row(row.name, *(f"{n:.3g}" for n in numbers))
+        console = rich.console.Console(
+            file=io.StringIO(), width=10_000, color_system=None, markup=False
+        )
+        console.print(table, highlight=False, emoji=False)
+        return console.file.getvalue().rstrip("\n")
 
     def _rule_decay_rates(self, variables) -> tuple[float, ...] | None:
         """Each variable's `d` where the optimizer's ratio takes `||g + d * w||`.
@@ -331,6 +337,17 @@ def _probe_norms_function(
             )
         return ops.stack([norm(w) for w in weights]), gradient_norms, rule_norms
 
+    return _compiled_probe(model, loss_of, norms)
+
+
+def _compiled_probe(model: keras.Model, loss_of, norms):
+    """`(x, y) -> norms(weights, d loss_of(weights, state, x, y) / d weights)`.
+
+    Compiled where the backend compiles (a ``tf.function``, ``jax.jit``), on
+    the model's current weights and state.
+    """
+    # keras.ops has no gradient op (Keras's trainers differentiate per backend
+    # too), so each backend's own autodiff takes the gradient.
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
