@@ -139,6 +139,13 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """Defines the script's flags on absl's global FLAGS; called only when it runs
     as a script, so importing the module (tests) leaves FLAGS to train.main."""
+    _define_data_flags()
+    _define_run_flags()
+    _define_protocol_flags()
+
+
+def _define_data_flags() -> None:
+    """Which part, its data, and where results go."""
     flags.DEFINE_enum("part", "mnist", PARTS, "Which part of the study to run.")
     flags.DEFINE_string(
         "output_dir",
@@ -157,6 +164,10 @@ def define_flags() -> None:
         "The part's own data folder; default <data_dir>/mnist, "
         "runs/imagenette_records for Imagenette, TFDS's data dir for tfds_*.",
     )
+
+
+def _define_run_flags() -> None:
+    """The runs' model, batches, length and optimizer settings."""
     flags.DEFINE_string("model", "small_alexnet_bn", "train.models model name.")
     flags.DEFINE_list("batch_sizes", None, "Batch sizes; default per part.")
     flags.DEFINE_integer(
@@ -188,6 +199,10 @@ def define_flags() -> None:
         "Test with BN statistics recomputed on training batches after training "
         "(the moving averages' result is kept as final_top1_moving_bn).",
     )
+
+
+def _define_protocol_flags() -> None:
+    """The fair protocol's choices, and the dry-run and report modes."""
     flags.DEFINE_bool(
         "fair",
         False,
