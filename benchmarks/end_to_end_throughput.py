@@ -1,67 +1,50 @@
 """Does the input pipeline or the model bound the training step?
 
+    python -m benchmarks.end_to_end_throughput --data_dir=/tmp/imagenette
+        [--model=resnet20] [--image_sizes=64,224] [--batch_sizes=64,16]
+        [--steps=6,3] [--epochs=2] [--rounds=3]
+
 For each image size, one model trains with `model.fit` in three settings,
 measured in the same process:
 
-1. ``fed``: fed by the training input pipeline as the app builds it
+1. `fed`: fed by the training input pipeline as the app builds it
    (`train.data.make_input_fn`, training split, the source's training
    augmentation, uint8 batches), the batches normalized inside the step
    (`train.data.normalize`, as the app's train step does);
-2. ``cached``: the same model and step fed by the first ``--steps`` batches of
+2. `cached`: the same model and step fed by the first `--steps` batches of
    that same pipeline, cached in memory and repeated
-   (``.take(k).cache().repeat()``): the step's compute alone;
-3. ``pipeline``: the pipeline alone, iterated as fast as it goes.
+   (`.take(k).cache().repeat()`): the step's compute alone;
+3. `pipeline`: the pipeline alone, iterated as fast as it goes.
 
 The verdict, from the wall rates (medians over rounds): compute-bound when
-``fed`` >= 0.9 x ``cached``; else input-bound when ``fed`` >= 0.8 x
-``pipeline``; else neither alone. On a CPU-only machine the pipeline and the
-step share the cores, so ``fed`` pays for both: the table gives each
-setting's CPU milliseconds per image (user + system time of all this
-process's threads) beside its wall rate, with ``fed``'s against the sum of
-``cached``'s and ``pipeline``'s, and the shared-cores estimate
-1 / (1 / cached + 1 / pipeline), the wall rate expected if the two only add
-their costs.
+`fed` >= 0.9 x `cached`; else input-bound when `fed` >= 0.8 x `pipeline`;
+else neither alone. On a CPU-only machine the pipeline and the step share the
+cores, so `fed` pays for both: the figures give each setting's CPU
+milliseconds per image (all this process's threads) beside its wall rate,
+and the shared-cores estimate 1 / (1 / cached + 1 / pipeline).
 
-The model is the app's (`train.models`, default ``resnet20``) behind a layer
-that normalizes the uint8 batch; `lars_tf.LARS` with the training settings of
-`benchmarks/training_throughput.py`; Keras's default ``jit_compile`` ("auto":
-off on a CPU-only machine). Each `fit` call keeps one iterator: its first
-epoch (compilation, the shuffle buffer's fill, the cache's fill) is not
-timed; then ``--epochs`` timed epochs of ``--steps`` steps. The pipeline
-alone is timed over as many images (at least ``--pipeline_images``) after
-three batches of warm-up
-(`benchmarks/input_pipeline.images_per_second`). Rounds rotate the order of
-the three settings.
+The model is the app's (`train.models`) behind a layer that normalizes the
+uint8 batch, compiled with `lars_tf.LARS` (`harness.lars_settings`, weight
+decay 5e-4) and Keras's default `jit_compile`. Each `fit` call keeps one
+iterator: its first epoch (compilation, the shuffle buffer's fill, the
+cache's fill) is not timed; then `--epochs` timed epochs of `--steps` steps.
+The pipeline alone is timed over at least `--pipeline_images` images. Rounds
+rotate the order of the three settings.
 
-The data: Imagenette (or ImageNet) TFRecords as `train.convert_images` writes
-them, from ``--data_dir``:
+The data: TFRecords as `train.convert_images` writes them, e.g.
 
-    python -m train.convert_images --labels=dense --train_shards=8 \
-        --validation_shards=2 --train_dir=$DATA/imagenette2-224/train \
+    python -m train.convert_images --labels=dense --train_shards=8 \\
+        --validation_shards=2 --train_dir=$DATA/imagenette2-224/train \\
         --validation_dir=$DATA/imagenette2-224/val --output_dir=/tmp/imagenette
-    python benchmarks/end_to_end_throughput.py --data_dir=/tmp/imagenette
-
-ResNet-20 keeps full resolution through its first stage, so a step at 224 px
-costs about 49x one at 32 px: the defaults use batch 16 and 3 steps per epoch
-there (batch 64 and 6 steps at 64 px).
 """
 
-import argparse
 import os
-import sys
 import time
 
-import numpy as np
+from absl import flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from benchmarks.input_pipeline import images_per_second  # noqa: E402
-from benchmarks.training_throughput import machine_line, optimizers  # noqa: E402
-from train import UserError, data, models, preprocessing, sources  # noqa: E402
+from benchmarks import harness
+from train import AUGMENTATIONS, models
 
 SETTINGS = ("fed", "cached", "pipeline")
 # fed / cached at or above this: the pipeline costs the step little.
@@ -70,74 +53,53 @@ COMPUTE_BOUND = 0.9
 # is what the step gets.
 INPUT_BOUND = 0.8
 
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "TFRecords written by train.convert_images.")
+flags.DEFINE_enum("model", "resnet20", models.MODEL_NAMES, "The model.")
+flags.DEFINE_list("image_sizes", ["64", "224"], "Image sizes, comma-separated.")
+flags.DEFINE_list("batch_sizes", ["64", "16"], "One batch size per image size.")
+flags.DEFINE_list("steps", ["6", "3"], "Timed steps per epoch, one per image size.")
+flags.DEFINE_integer("epochs", 2, "Timed epochs per fit.", lower_bound=1)
+flags.DEFINE_integer(
+    "pipeline_images", 1000, "Images per timing of the pipeline alone, at least."
+)
+flags.DEFINE_enum(
+    "augmentation", None, AUGMENTATIONS, "Training augmentation; default the source's."
+)
+flags.mark_flag_as_required("data_dir")
+harness.set_defaults(rounds=3)
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command-line flags."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data_dir",
-        help="folder of TFRecords written by train.convert_images (Imagenette)",
+
+def _positive_ints(values: list[str]) -> bool:
+    return bool(values) and all(v.isdigit() and int(v) > 0 for v in values)
+
+
+for _name in ("image_sizes", "batch_sizes", "steps"):
+    flags.register_validator(
+        _name, _positive_ints, f"--{_name}: positive integers, comma-separated"
     )
-    parser.add_argument("--model", default="resnet20")
-    parser.add_argument("--image_sizes", default="64,224")
-    parser.add_argument("--batch_sizes", default="64,16", help="one per image size")
-    parser.add_argument(
-        "--steps", default="6,3", help="timed steps per epoch, one per image size"
-    )
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per fit")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--pipeline_images",
-        type=int,
-        default=1000,
-        help="at least this many images per timing of the pipeline alone",
-    )
-    parser.add_argument(
-        "--augmentation",
-        default=None,
-        help="training augmentation; default: the source's (the app's default)",
-    )
-    args = parser.parse_args(argv)
-    for name in ("image_sizes", "batch_sizes", "steps"):
-        try:
-            values = [int(v) for v in getattr(args, name).split(",")]
-        except ValueError:
-            values = []
-        if not values or min(values) < 1:
-            _fail(f"--{name}={getattr(args, name)}: positive integers, comma-separated")
-        setattr(args, name, values)
-    if not len(args.image_sizes) == len(args.batch_sizes) == len(args.steps):
-        _fail("--image_sizes, --batch_sizes and --steps: give one value per image size")
-    if args.model not in models.MODEL_NAMES:
-        _fail(f"--model={args.model}: must be one of {', '.join(models.MODEL_NAMES)}")
-    augmentations = preprocessing.AUGMENTATIONS
-    if args.augmentation is not None and args.augmentation not in augmentations:
-        _fail(
-            f"--augmentation={args.augmentation}: must be one of "
-            f"{', '.join(augmentations)}"
-        )
-    if args.epochs < 1 or args.rounds < 1:
-        _fail(f"--epochs={args.epochs}, --rounds={args.rounds}: must be >= 1")
-    if not args.data_dir or not os.path.isdir(args.data_dir):
-        _fail(
-            f"--data_dir={args.data_dir}: no such folder (TFRecords written by "
-            "python -m train.convert_images expected there)"
-        )
-    return args
+flags.register_multi_flags_validator(
+    ["image_sizes", "batch_sizes", "steps"],
+    lambda f: len(f["image_sizes"]) == len(f["batch_sizes"]) == len(f["steps"]),
+    "--image_sizes, --batch_sizes and --steps: give one value per image size",
+)
+flags.register_validator(
+    "data_dir",
+    lambda path: path is None or os.path.isdir(path),
+    "--data_dir: no such folder (TFRecords written by train.convert_images)",
+)
 
 
-def _fail(message: str) -> None:
-    print(message, file=sys.stderr)
-    sys.exit(2)
-
-
-def training_model(
-    model_name: str, source: sources.Source, image_size: int
-) -> keras.Model:
+def training_model(source, image_size: int):
     """The app's model taking uint8 batches, normalized in the step as the
     app's train step does, compiled with LARS at its training settings."""
+    import keras
+
+    import lars_tf
+    from train import data
+
     network = models.build_model(
-        model_name, source.num_classes, image_size, source.channels
+        FLAGS.model, source.num_classes, image_size, source.channels
     )
     images = keras.Input((image_size, image_size, source.channels), dtype="uint8")
     normalized = keras.layers.Lambda(lambda pixels: data.normalize(pixels, source))(
@@ -145,91 +107,81 @@ def training_model(
     )
     model = keras.Model(images, network(normalized))
     model.compile(
-        optimizer=optimizers()["LARS"](),
+        optimizer=lars_tf.LARS(**harness.lars_settings(weight_decay=5e-4)),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     return model
 
 
-class EpochTimes(keras.callbacks.Callback):
-    """Wall and process CPU seconds of each epoch."""
-
-    def __init__(self):
-        super().__init__()
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._began = (time.perf_counter(), time.process_time())
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.wall.append(time.perf_counter() - self._began[0])
-        self.cpu.append(time.process_time() - self._began[1])
-
-
-def fit_rates(
-    model: keras.Model, dataset: tf.data.Dataset, steps: int, epochs: int
-) -> tuple[float, float]:
+def fit_rates(model, dataset, steps: int) -> tuple[float, float]:
     """(images per wall second, images per CPU second) of `model.fit` over
-    ``epochs`` epochs of ``steps`` steps, after one untimed epoch on the same
+    `--epochs` epochs of `steps` steps, after one untimed epoch on the same
     iterator."""
-    times = EpochTimes()
+    import keras
+
+    times = []
+    timer = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda *_: times.append(
+            (time.perf_counter(), time.process_time())
+        ),
+        on_epoch_end=lambda *_: times.append(
+            (time.perf_counter(), time.process_time())
+        ),
+    )
     model.fit(
         dataset,
-        epochs=epochs + 1,
+        epochs=FLAGS.epochs + 1,
         steps_per_epoch=steps,
-        callbacks=[times],
+        callbacks=[timer],
         shuffle=False,
         verbose=0,
     )
-    images = steps * epochs * int(dataset.element_spec[0].shape[0])
-    return images / sum(times.wall[1:]), images / sum(times.cpu[1:])
+    epochs = list(zip(times[2::2], times[3::2]))  # the first epoch is not timed
+    images = steps * FLAGS.epochs * int(dataset.element_spec[0].shape[0])
+    wall = sum(end[0] - begin[0] for begin, end in epochs)
+    cpu = sum(end[1] - begin[1] for begin, end in epochs)
+    return images / wall, images / cpu
 
 
-def measure_size(
-    args: argparse.Namespace,
-    source: sources.Source,
-    image_size: int,
-    batch_size: int,
-    steps: int,
-) -> dict[str, tuple[list[float], list[float]]]:
-    """Per setting, the wall and CPU images/s of each round."""
+def measure_size(source, image_size: int, batch_size: int, steps: int) -> dict:
+    """Per setting, the (wall, CPU) images/s of each round."""
+    from benchmarks import imagenette
+    from train import data
+
     input_fn = data.make_input_fn(
         source=source,
         split="train",
         global_batch_size=batch_size,
         image_size=image_size,
-        augmentation=args.augmentation,
+        augmentation=FLAGS.augmentation,
         dtype="uint8",
         seed=0,
     )
-    model = training_model(args.model, source, image_size)
-    # The pipeline alone is fast: at least --pipeline_images for its rate.
-    pipeline_images = max(batch_size * steps * args.epochs, args.pipeline_images)
+    model = training_model(source, image_size)
+    pipeline_images = max(batch_size * steps * FLAGS.epochs, FLAGS.pipeline_images)
     measure = {
-        "fed": lambda: fit_rates(model, input_fn(), steps, args.epochs),
+        "fed": lambda: fit_rates(model, input_fn(), steps),
         "cached": lambda: fit_rates(
-            model, input_fn().take(steps).cache().repeat(), steps, args.epochs
+            model, input_fn().take(steps).cache().repeat(), steps
         ),
-        "pipeline": lambda: images_per_second(input_fn(), pipeline_images),
+        "pipeline": lambda: imagenette.images_per_second(input_fn(), pipeline_images),
     }
-    rates = {name: ([], []) for name in SETTINGS}
-    for round_index in range(args.rounds):
-        start = round_index % len(SETTINGS)
-        for name in SETTINGS[start:] + SETTINGS[:start]:
-            wall_rate, cpu_rate = measure[name]()
-            rates[name][0].append(wall_rate)
-            rates[name][1].append(cpu_rate)
-            # Cores busy = wall rate x CPU per image: below the machine's
-            # cores when another process took some.
-            print(
-                f"  {image_size} px round {round_index + 1} {name}: "
-                f"{wall_rate:.1f} img/s, {1e3 / cpu_rate:.2f} CPU ms/img, "
-                f"{wall_rate / cpu_rate:.2f} cores busy, load average "
-                f"{os.getloadavg()[0]:.1f}",
-                flush=True,
-            )
-    return rates
+
+    def measured(name: str) -> tuple[float, float]:
+        wall_rate, cpu_rate = measure[name]()
+        # Cores busy = wall rate x CPU per image: below the machine's cores
+        # when another process took some.
+        print(
+            f"  {image_size} px {name}: {wall_rate:.1f} img/s, "
+            f"{1e3 / cpu_rate:.2f} CPU ms/img, {wall_rate / cpu_rate:.2f} cores "
+            f"busy, load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+        return wall_rate, cpu_rate
+
+    return harness.interleave(
+        {name: (lambda name=name: measured(name)) for name in SETTINGS}, FLAGS.rounds
+    )
 
 
 def verdict(fed: float, cached: float, pipeline: float) -> str:
@@ -246,66 +198,57 @@ def verdict(fed: float, cached: float, pipeline: float) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    print(machine_line(), flush=True)
+def size_figures(rates: dict) -> dict:
+    """Medians, CPU ms per image, the shared-cores estimate and the verdict."""
+    figures = {}
+    for name in SETTINGS:
+        wall = [w for w, _ in rates[name]]
+        cpu_ms = [1e3 / c for _, c in rates[name]]
+        figures[name] = {
+            "img_per_s_wall": harness.summary(wall),
+            "cpu_ms_per_image": harness.summary(cpu_ms),
+        }
+    median = {name: figures[name]["img_per_s_wall"]["median"] for name in SETTINGS}
+    figures["fed_x_cached"] = median["fed"] / median["cached"]
+    figures["fed_x_pipeline"] = median["fed"] / median["pipeline"]
+    figures["shared_cores_estimate"] = 1 / (
+        1 / median["cached"] + 1 / median["pipeline"]
+    )
+    figures["verdict"] = verdict(median["fed"], median["cached"], median["pipeline"])
+    return figures
+
+
+def main() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    from train import UserError, data, sources
+
+    print(harness.machine_line(), flush=True)
+    figures = {}
+    sizes = zip(FLAGS.image_sizes, FLAGS.batch_sizes, FLAGS.steps, strict=True)
     try:
-        source = sources.describe("imagenet", args.data_dir)
-        results = []
-        for image_size, batch_size, steps in zip(
-            args.image_sizes, args.batch_sizes, args.steps, strict=True
-        ):
-            began = time.perf_counter()
-            rates = measure_size(args, source, image_size, batch_size, steps)
-            results.append((image_size, batch_size, steps, rates))
-            print(
-                f"{image_size} px measured in {time.perf_counter() - began:.0f} s "
-                f"(load average {os.getloadavg()[0]:.1f})",
-                flush=True,
-            )
+        source = sources.describe("imagenet", FLAGS.data_dir)
+        for image_size, batch_size, steps in (map(int, s) for s in sizes):
+            rates = measure_size(source, image_size, batch_size, steps)
+            figures[f"{image_size} px, batch {batch_size}"] = size_figures(rates)
     except UserError as error:
-        _fail(str(error))
+        harness.fail(str(error))
     except tf.errors.OpError as error:
         if (problem := data.user_error(error)) is None:
             raise
-        _fail(str(problem))
-
-    print(
-        f"\n{args.model} on {source.num_classes}-class ImageNet-format records "
-        f"({args.data_dir}), augmentation "
-        f"{args.augmentation or source.default_augmentation}, uint8 batches; "
-        f"{args.rounds} rounds x {args.epochs} timed epochs; medians over rounds "
-        "(min-max)"
-    )
-    print(
-        f"{'size':>4} {'batch':>5} {'steps':>5} {'setting':<8} "
-        f"{'img/s wall':>20} {'CPU ms/img':>20}"
-    )
-    for image_size, batch_size, steps, rates in results:
-        medians = {name: np.median(rates[name][0]) for name in SETTINGS}
-        for name in SETTINGS:
-            wall, cpu = np.array(rates[name][0]), 1e3 / np.array(rates[name][1])
-            print(
-                f"{image_size:>4} {batch_size:>5} {steps:>5} {name:<8} "
-                f"{_spread(wall, '.1f'):>20} {_spread(cpu, '.2f'):>20}"
-            )
-        cpu_ms = {name: 1e3 / np.median(rates[name][1]) for name in SETTINGS}
-        shared = 1 / (1 / medians["cached"] + 1 / medians["pipeline"])
-        print(
-            f"{image_size:>4} px: wall: fed / cached "
-            f"{medians['fed'] / medians['cached']:.2f}, fed / pipeline "
-            f"{medians['fed'] / medians['pipeline']:.2f}, shared-cores estimate "
-            f"{shared:.1f} img/s; CPU ms/img: fed {cpu_ms['fed']:.2f} against "
-            f"cached + pipeline {cpu_ms['cached'] + cpu_ms['pipeline']:.2f}\n"
-            f"{image_size:>4} px: "
-            + verdict(medians["fed"], medians["cached"], medians["pipeline"]),
-            flush=True,
-        )
-
-
-def _spread(values: np.ndarray, spec: str) -> str:
-    return f"{np.median(values):{spec}} ({values.min():{spec}}-{values.max():{spec}})"
+        harness.fail(str(problem))
+    rows = [
+        [size, name, harness.show(f[name]["img_per_s_wall"], ".1f")]
+        + [harness.show(f[name]["cpu_ms_per_image"], ".2f")]
+        for size, f in figures.items()
+        for name in SETTINGS
+    ]
+    print(harness.markdown_table(["size", "setting", "img/s wall", "CPU ms/img"], rows))
+    for size, f in figures.items():
+        print(f"{size}: {f['verdict']}")
+    harness.write_results("end_to_end_throughput", figures)
 
 
 if __name__ == "__main__":
-    main()
+    harness.run(main)

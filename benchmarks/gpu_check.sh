@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # LARS on a GPU with the JAX backend: the optimizer-step benchmark
-# (benchmarks/jax_optimizer_step.py: LARS, Keras SGD-momentum, optax.lars,
-# optax SGD on ResNet-50's shapes) and a short ResNet-50 model.fit throughput
-# run (benchmarks/jax_training_throughput.py: LARS against SGD-momentum,
-# mixed_bfloat16, synthetic images). Sized to end well inside 10 minutes on
-# one H200 (an estimate: not yet run on a GPU).
+# (benchmarks.jax_optimizer_step: LARS, Keras SGD-momentum, optax.lars, optax
+# SGD on ResNet-50's shapes) and a short ResNet-50 model.fit throughput run
+# (benchmarks.jax_training_throughput: LARS against SGD-momentum,
+# mixed_bfloat16, synthetic images), each under its own time limit (240 s and
+# 300 s). Their printed tables and JSON figures go to $OUT (or /tmp/gpu_check).
 #
-# Made for a machine with JAX (CUDA), optax and NumPy but without Keras and
-# without network: when Keras does not import, it installs the wheels in
+# Made for a machine with JAX (CUDA), optax and NumPy but without Keras,
+# TensorFlow or network: when Keras does not import, it installs the wheels in
 # .whl/ (Keras and the dependencies such a machine lacks). Fetch them once on a
 # machine with pip, from the repository root:
 #
@@ -16,13 +16,12 @@
 #     --platform manylinux_2_17_x86_64 -d .whl \
 #     keras==3.15.1 namex==0.1.0 optree==0.20.0
 #
-# Then run it there from the repository root (results also go to $OUT, or
-# /tmp/gpu_check):
+# Then run it there from the repository root:
 #
 #   bash benchmarks/gpu_check.sh
 #
-# GPU_CHECK_TINY=1 runs both parts at tiny sizes (a check of the script on
-# a CPU in about 3 minutes).
+# GPU_CHECK_TINY=1 runs both parts at tiny sizes (a check of the script on a
+# CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 results=${OUT:-/tmp/gpu_check}
@@ -43,11 +42,11 @@ fi
 
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   step_flags=(--scale=0.05 --rounds=2 --steps=2)
-  fit_flags=(--image_size=32 --batch_size=4 --steps=2 --epochs=1
+  fit_flags=(--image_size=32 --batch_size=4 --steps=2 --rounds=1
     --dtype_policy=float32)
 else
   step_flags=(--rounds=20 --steps=20)
-  fit_flags=(--batch_size=256 --steps=20 --epochs=4)
+  fit_flags=(--batch_size=256 --steps=20 --rounds=4)
 fi
 
 {
@@ -69,11 +68,11 @@ if ! "$python" -c "import lars_tf" 2>"$results/lars_import_error.txt"; then
 fi
 
 # Each part has its own time limit; a failed part does not stop the next.
-timeout 240 "$python" benchmarks/jax_optimizer_step.py "${step_flags[@]}" \
-  --candidates=$candidates 2>&1 | tee "$results/optimizer_step.txt" ||
+timeout 240 "$python" -m benchmarks.jax_optimizer_step "${step_flags[@]}" \
+  --candidates=$candidates --output="$results/optimizer_step.json" 2>&1 | tee "$results/optimizer_step.txt" ||
   echo "gpu_check.sh: the optimizer-step benchmark failed or timed out" >&2
 if [[ $candidates == lars* ]]; then
-  timeout 300 "$python" benchmarks/jax_training_throughput.py "${fit_flags[@]}" \
-    2>&1 | tee "$results/training_throughput.txt" ||
+  timeout 300 "$python" -m benchmarks.jax_training_throughput "${fit_flags[@]}" \
+    --output="$results/training_throughput.json" 2>&1 | tee "$results/training_throughput.txt" ||
     echo "gpu_check.sh: the model.fit throughput run failed or timed out" >&2
 fi

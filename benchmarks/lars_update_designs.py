@@ -1,4 +1,5 @@
-"""Designs of LARS's per-variable update, timed by `optimizer_step.py --variants`.
+"""Designs of LARS's per-variable update, timed by `benchmarks.optimizer_step
+--variants`.
 
 Each design is a `lars_tf.LARS` subclass that replaces only `_fused_update`
 (the two norms, the trust ratio and the momentum update of one variable), so
@@ -7,14 +8,12 @@ LARS's own. All of them compute the same update to float32 rounding;
 `check_designs` compares each, and LARS, against a float64 NumPy reference in
 every mode.
 
-What the designs vary (BENCHMARKS.md, "Optimizer step"): TensorFlow's `L2Loss`
-kernel reads a tensor once, but under XLA on CPU (TensorFlow 2.21) a sum of
-squares becomes a fusion that writes the squares to a temporary and a tree of
-`reduce-window` passes over it; XLA:CPU does not fuse the square into the
-reduction. A matrix product reads its operands without a temporary (Eigen's
-GEMM), so `gram_norm` takes `||x||^2` as the trace of `X @ X^T` for
-`X = reshape(x, [4, -1])`. `lars_tf.LARS` now uses `mode_aware_norm` with
-`kernel_update`; "before" is LARS as it was (`L2Loss` in every mode).
+What the designs vary: how a norm is taken (TensorFlow's one-pass `L2Loss`
+kernel; the trace of `X @ X^T` for `X = reshape(x, [4, -1])`, which XLA on CPU
+reads in place where it writes a sum of squares' squares to a temporary; a
+`[1, n] x [n, 1]` product) and how the update is written under XLA (the fused
+kernels, plain expressions, or all variables' updates in one computation).
+`lars_tf.LARS` takes `mode_aware_norm`'s norms and `kernel_update`.
 """
 
 import keras
@@ -181,9 +180,8 @@ class OneXLAUpdateLARS(lars_tf.LARS):
             )
 
 
-# `lars_tf.LARS` itself takes `mode_aware_norm`'s norms and `kernel_update`.
 DESIGNS = {
-    "before: L2Loss norms in every mode": design(l2_norm),
+    "L2Loss norms in every mode": design(l2_norm),
     "Gram norms in every mode": design(gram_norm),
     "dot norms ([1,n] x [n,1]) in every mode": design(dot_norm),
     "expression update under XLA": design(mode_aware_norm, mode_aware_update),

@@ -1,42 +1,46 @@
-"""Peak resident memory of an optimizer step, LARS against SGD-momentum.
+"""How much memory does an optimizer step add, LARS against SGD-momentum?
+
+    python -m benchmarks.optimizer_memory [--rounds=3] [--steps=3] [--scale=1]
 
 Each measurement is its own process, so that one optimizer's freed memory
-never serves the other: it creates ResNet-50's 161 variables (25.6M float32
-values) with random gradients, builds the optimizer and runs one step (which
-traces the `tf.function` and creates the slots). Then it reads the resident
-set (VmRSS), resets the kernel's high-water mark (`echo 5 >
-/proc/self/clear_refs`, Linux >= 4.0) and runs `--steps` more steps. The
-step's peak is the new high-water mark (VmHWM) minus that resident set: what
-the step's temporaries add on top of variables, gradients and slots. The
-resident set after warm-up shows the slots (one per variable for both).
+never serves the other: it creates variables with the shapes of ResNet-50's
+161 (`harness.resnet50_shapes`, 25.6M float32 values) and random gradients,
+builds the optimizer and runs one step (which traces the `tf.function` and
+creates the slots). Then it reads the resident set (VmRSS), resets the
+kernel's high-water mark (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0)
+and runs `--steps` more steps. The step's peak is the new high-water mark
+(VmHWM) minus that resident set: what the step's temporaries add on top of
+variables, gradients and slots. `ru_maxrss` cannot be reset, so it would
+report the tracing peak.
 
-The processes alternate (LARS, SGD, LARS, SGD, ...) for `--repeats` rounds.
-For scale: ResNet-50's largest variable holds 2.36M values (9.4 MB).
-
-Run (about 2 minutes on a 2-core CPU):
-
-    python benchmarks/optimizer_memory.py
+The processes alternate (LARS, SGD, SGD, LARS, ...) for `--rounds` rounds;
+with one candidate and one round the measurement runs in this process.
 """
 
-import argparse
 import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
-import numpy as np
+from absl import flags
 
-CANDIDATES = ("LARS (jit_compile=False, default)", "Keras SGD(momentum=0.9)")
+from benchmarks import harness
+
+CANDIDATES = ("lars", "sgd")
 MB = 1e6
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command-line flags."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="processes each")
-    parser.add_argument("--steps", type=int, default=3, help="steps measured")
-    parser.add_argument("--candidate", help=argparse.SUPPRESS)  # one, in-process
-    return parser.parse_args(argv)
+FLAGS = flags.FLAGS
+flags.DEFINE_list("candidates", list(CANDIDATES), f"Subset of {CANDIDATES}.")
+flags.register_validator(
+    "candidates",
+    lambda names: bool(names) and set(names) <= set(CANDIDATES),
+    f"--candidates: a comma-separated subset of {', '.join(CANDIDATES)}",
+)
+flags.DEFINE_integer("steps", 3, "Steps measured after the warm-up.", lower_bound=1)
+flags.DEFINE_float("scale", 1.0, "Fraction of every channel count.", lower_bound=0)
+harness.set_defaults(rounds=3)
 
 
 def memory_status() -> dict[str, float]:
@@ -46,58 +50,78 @@ def memory_status() -> dict[str, float]:
     return {k: float(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
 
 
-def measure(candidate: str, steps: int) -> dict[str, float]:
-    """Resident set after warm-up and the extra peak of `steps` steps, in bytes."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def build_optimizer(candidate: str):
+    """LARS at `harness.lars_settings` (`jit_compile=False`), or Keras SGD."""
+    import keras
+
+    import lars_tf
+
+    if candidate == "lars":
+        return lars_tf.LARS(**harness.lars_settings())
+    return keras.optimizers.SGD(harness.LEARNING_RATE, momentum=harness.MOMENTUM)
+
+
+def measure(candidate: str) -> dict[str, float]:
+    """Resident MB after warm-up and the extra peak MB of `--steps` steps."""
     import tensorflow as tf
 
-    from benchmarks.optimizer_step import (
-        make_step,
-        random_arrays,
-        resnet50_shapes,
-        tf_optimizers,
-    )
-
-    shapes = resnet50_shapes()
-    weights = random_arrays(shapes, 0.05, seed=0)
-    gradients = [tf.constant(g) for g in random_arrays(shapes, 0.01, seed=1)]
-    run = make_step(tf_optimizers()[candidate], weights, gradients)
+    shapes = harness.resnet50_shapes(FLAGS.scale)
+    weights = harness.random_arrays(shapes, 0.05, seed=0)
+    gradients = [tf.constant(g) for g in harness.random_arrays(shapes, 0.01, seed=1)]
+    run = harness.tf_step(lambda: build_optimizer(candidate), weights, gradients)
     del weights  # the variables hold their own copies
     resident = memory_status()["VmRSS"]
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
-    run(steps)
-    return {"resident": resident, "step_peak": memory_status()["VmHWM"] - resident}
+    run(FLAGS.steps)
+    peak = memory_status()["VmHWM"] - resident
+    return {"resident_mb": resident / MB, "step_peak_mb": peak / MB}
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def measure_in_process(candidate: str, folder: str, index: int) -> dict:
+    """`measure(candidate)` in a fresh `python -m` process."""
+    output = os.path.join(folder, f"{index}.json")
+    command = [sys.executable, "-m", "benchmarks.optimizer_memory"]
+    command += [f"--candidates={candidate}", "--rounds=1", f"--output={output}"]
+    command += [f"--steps={FLAGS.steps}", f"--scale={FLAGS.scale}"]
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(command, check=True, cwd=root, stdout=subprocess.DEVNULL)
+    with open(output) as record:
+        return json.load(record)["figures"][candidate]
+
+
+def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if args.candidate:
-        print(json.dumps(measure(args.candidate, args.steps)))
+    if FLAGS.rounds == 1 and len(FLAGS.candidates) == 1:
+        candidate = FLAGS.candidates[0]
+        harness.write_results("optimizer_memory", {candidate: measure(candidate)})
         return
-    results = {c: [] for c in CANDIDATES}
-    for _ in range(args.repeats):
-        for candidate in CANDIDATES:
-            output = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), f"--candidate={candidate}"]
-                + [f"--steps={args.steps}"],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            results[candidate].append(json.loads(output.splitlines()[-1]))
-    print(f"{args.repeats} processes each, {args.steps} steps measured")
-    print(f"{'candidate':<36} {'resident after warm-up MB':>26} {'step peak MB':>22}")
-    for candidate, runs in results.items():
-        resident = [r["resident"] / MB for r in runs]
-        peak = [r["step_peak"] / MB for r in runs]
-        print(
-            f"{candidate:<36} {np.median(resident):>8.0f} "
-            f"[{min(resident):.0f}-{max(resident):.0f}]{'':>6} "
-            f"{np.median(peak):>8.1f} [{min(peak):.1f}-{max(peak):.1f}]"
+    print(harness.machine_line(), flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        count = iter(range(FLAGS.rounds * len(FLAGS.candidates)))
+        runs = harness.interleave(
+            {
+                c: (lambda c=c: measure_in_process(c, folder, next(count)))
+                for c in FLAGS.candidates
+            },
+            FLAGS.rounds,
         )
+    figures = {
+        candidate: {key: harness.summary([r[key] for r in rs]) for key in rs[0]}
+        for candidate, rs in runs.items()
+    }
+    print(f"{FLAGS.rounds} processes each, {FLAGS.steps} steps measured")
+    rows = [
+        [
+            c,
+            harness.show(f["resident_mb"], ".0f"),
+            harness.show(f["step_peak_mb"], ".1f"),
+        ]
+        for c, f in figures.items()
+    ]
+    print(harness.markdown_table(["optimizer", "resident MB", "step peak MB"], rows))
+    harness.write_results("optimizer_memory", figures)
 
 
 if __name__ == "__main__":
-    main()
+    harness.run(main)

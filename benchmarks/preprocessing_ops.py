@@ -1,55 +1,50 @@
-"""CPU cost of single steps of the per-image preprocessing, side by side.
+"""What does each step of the per-image preprocessing cost in CPU time?
 
-    python benchmarks/preprocessing_ops.py [--data_dir=/tmp/lars_tf_imagenette]
+    python -m benchmarks.preprocessing_ops [--data_dir=/tmp/lars_tf_imagenette]
         [--records=512] [--images=2000] [--rounds=3] [--image_size=224]
 
-Reads ``--records`` serialized records of the train shards that
-``benchmarks/input_pipeline.py`` writes (``--data_dir``; its ``--jpeg_size``
-folders work too) into memory, then times, in rounds, a parallel map of each
+Reads `--records` serialized records of the train shards of `--data_dir`
+(as `benchmarks.input_pipeline` converts them; its re-encoded folders work
+too) into memory, then times, in interleaved rounds, a parallel map of each
 variant's per-image function over them, batched as the pipelines batch
-(``max_intra_op_parallelism`` 1), in images per CPU-second of this process.
+(`max_intra_op_parallelism` 1), in images per CPU-second of this process.
 Every variant starts from the serialized record and a per-image seed (so
-windows and flips vary as in training), so the differences between rows are
-the cost of the steps that differ:
+windows and flips vary as in training), so the difference of two rows is the
+cost of the steps in which they differ:
 
-- ``parse`` / ``parse_boxes``: the record parsed without / with the four
-  bounding-box features (densified), as `train.data` did for every augmentation;
-- ``decode``: + the ``minimal`` crop window and ``decode_and_crop_jpeg``;
-- ``flip_tf`` / ``flip``: + ``tf.image.stateless_random_flip_left_right`` /
+- `parse` / `parse_boxes`: the record parsed without / with the four
+  bounding-box features (densified);
+- `decode`: + the `minimal` crop window and `decode_and_crop_jpeg`;
+- `flip_tf` / `flip`: + `tf.image.stateless_random_flip_left_right` /
   `train.preprocessing.random_flip_left_right` (same draws) on the crop;
-- ``resize`` / ``resize_uint8_input``: ``decode`` + the bilinear resize of the
+- `resize` / `resize_uint8_input`: `decode` + the bilinear resize of the
   crop cast to float32 (`train.preprocessing.resize`) / of the uint8 crop;
-- ``round_saturate`` / ``round_cast``: ``resize`` + rounding to uint8 with
-  ``tf.saturate_cast`` (clip, cast) / a plain cast;
-- ``reference_image``: the reference pipeline's per-image work
-  (``benchmarks/input_pipeline.py``: Inception window, decode of it, bicubic
-  resize, flip of the float result), from the record.
-
-Each row: median (min-max) over rounds of images per CPU-second and the
-per-image CPU milliseconds; the cost of a step is the difference of two rows.
+- `round_saturate` / `round_cast`: `resize` + rounding to uint8 with
+  `tf.saturate_cast` (clip, cast) / a plain cast;
+- `reference_image`: the reference pipeline's per-image work
+  (`benchmarks/imagenette.py`: Inception window, decode of it, bicubic
+  resize, flip of the float result).
 """
 
-import os
-import statistics
-import sys
 import time
 
-from absl import app, flags
+import tensorflow as tf
+from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import input_pipeline  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from train import UserError, data, preprocessing  # noqa: E402
+from benchmarks import harness, imagenette
+from train import UserError, data, preprocessing
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
-    "data_dir", "/tmp/lars_tf_imagenette", "Converted shards (input_pipeline.py)."
+    "data_dir", "/tmp/lars_tf_imagenette", "Converted shards (input_pipeline)."
 )
-flags.DEFINE_integer("records", 512, "Records held in memory and cycled.")
-# --images, --rounds, --image_size and --batch_size are input_pipeline.py's.
+flags.DEFINE_integer(
+    "records", 512, "Records held in memory and cycled.", lower_bound=1
+)
+flags.DEFINE_integer("images", 2000, "Images timed per measurement.", lower_bound=1)
+flags.DEFINE_integer("image_size", 224, "Output image size.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1)
+harness.set_defaults(rounds=3)
 
 
 def _decode(record, seed):
@@ -89,7 +84,7 @@ VARIANTS = {
     ),
     "round_cast": lambda r, seed: tf.cast(tf.round(_resized(r, seed)), tf.uint8),
     "reference_image": lambda r, seed: tf.image.random_flip_left_right(
-        input_pipeline.reference_random_crop(
+        imagenette.reference_random_crop(
             data.parse_image_record(r, with_boxes=False)[0], FLAGS.image_size
         )
     ),
@@ -97,6 +92,7 @@ VARIANTS = {
 
 
 def images_per_cpu_second(records: tf.Tensor, function) -> float:
+    """Images per CPU-second of `function` mapped over `records`, batched."""
     options = tf.data.Options()
     options.threading.max_intra_op_parallelism = 1
     dataset = (
@@ -121,33 +117,37 @@ def images_per_cpu_second(records: tf.Tensor, function) -> float:
     return seen / (time.process_time() - cpu)
 
 
-def main(argv):
-    del argv
+def main() -> None:
     try:
         files = data.list_record_files(FLAGS.data_dir, "train")
-    except UserError as error:  # A bad --data_dir: one line, exit 2.
-        print(error, file=sys.stderr)
-        sys.exit(2)
-    records = [
-        record.numpy() for record in tf.data.TFRecordDataset(files).take(FLAGS.records)
-    ]
-    records = tf.constant(records)
-    print(f"{len(records)} records of {FLAGS.data_dir}, TF {tf.__version__}")
-    rates = {name: [] for name in VARIANTS}
-    for round_index in range(FLAGS.rounds):
-        for name, function in VARIANTS.items():
-            rate = images_per_cpu_second(records, function)
-            rates[name].append(rate)
-            print(f"round {round_index}: {name:20s} {rate:8.1f} img per CPU-s")
-    print("\n| variant | img per CPU-s, median (min-max) | CPU ms per image |")
-    print("|---|---|---|")
+    except UserError as error:
+        harness.fail(str(error))
+    records = tf.data.TFRecordDataset(files).take(FLAGS.records)
+    records = tf.constant([record.numpy() for record in records])
+    print(harness.machine_line(), flush=True)
+    print(f"{len(records)} records of {FLAGS.data_dir}")
+    rates = harness.interleave(
+        {
+            name: (lambda function=function: images_per_cpu_second(records, function))
+            for name, function in VARIANTS.items()
+        },
+        FLAGS.rounds,
+    )
+    figures = {}
     for name, values in rates.items():
-        median = statistics.median(values)
-        print(
-            f"| {name} | {median:.0f} ({min(values):.0f}-{max(values):.0f}) | "
-            f"{1000 / median:.3f} |"
+        figures[name] = {"img_per_cpu_s": harness.summary(values)}
+        figures[name]["cpu_ms_per_image"] = (
+            1000 / figures[name]["img_per_cpu_s"]["median"]
         )
+    rows = [
+        [name, harness.show(f["img_per_cpu_s"], ".0f"), f"{f['cpu_ms_per_image']:.3f}"]
+        for name, f in figures.items()
+    ]
+    print(
+        harness.markdown_table(["variant", "img per CPU-s", "CPU ms per image"], rows)
+    )
+    harness.write_results("preprocessing_ops", figures)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    harness.run(main)

@@ -1,67 +1,73 @@
-"""Time to a resumed run's first training batch: skipping undecoded examples
-(``InputFn(..., skip_batches=N)``, what ``train.trainer`` does) against
-``Dataset.skip(N)`` on the finished batches (what it did before, decoding every
-skipped image).
+"""How long does a resumed run take to reach its first training batch:
+skipping undecoded examples (`InputFn(..., skip_batches=N)`, what
+`train.trainer` does) against `Dataset.skip(N)` on the finished batches
+(decoding every skipped image)?
 
-    python benchmarks/resume_skip.py [--skip_batches=100] [--rounds=2]
+    python -m benchmarks.resume_skip [--skip_batches=100] [--rounds=2]
+        [--cache_dir=/tmp/lars_tf_imagenette]
 
-Uses the Imagenette shards that ``benchmarks/input_pipeline.py`` converts (and
-converts them on first use); training split, ``minimal`` augmentation, batch 64,
-224x224, deterministic. Prints wall and CPU seconds (this process, all threads)
-from building the dataset to the first batch, per round, both ways in turn.
+On the Imagenette shards (`imagenette.converted_imagenette`): training split,
+`minimal` augmentation, batch 64, 224x224, deterministic. Figures: wall and
+CPU seconds (this process, all threads) from building the dataset to the
+first batch, both ways in interleaved rounds.
 """
 
-import os
-import sys
-import time
+from absl import flags
 
-from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import input_pipeline  # noqa: E402  (its flags: --cache_dir, --batch_size, ...)
-
-from train import data  # noqa: E402
+from benchmarks import harness, imagenette
+from train import data
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("skip_batches", 100, "Batches a resumed run skips.")
+flags.DEFINE_integer("skip_batches", 100, "Batches a resumed run skips.", lower_bound=1)
+flags.DEFINE_string(
+    "cache_dir", "/tmp/lars_tf_imagenette", "Where the converted shards are kept."
+)
+harness.set_defaults(rounds=2)
+BATCH_SIZE = 64
 
 
-def main(argv):
-    del argv
-    data_dir = input_pipeline.converted_imagenette(FLAGS.cache_dir)
+def main() -> None:
+    data_dir = imagenette.converted_imagenette(FLAGS.cache_dir)
     input_fn = data.make_input_fn(
         source="imagenet",
         split="train",
         data_dir=data_dir,
-        global_batch_size=FLAGS.batch_size,
-        image_size=FLAGS.image_size,
+        global_batch_size=BATCH_SIZE,
+        image_size=224,
         augmentation="minimal",
         seed=0,
         deterministic=True,
     )
+    skip = FLAGS.skip_batches
     ways = {
-        "skip_batches (undecoded examples)": lambda: input_fn(
-            skip_batches=FLAGS.skip_batches
-        ),
-        "Dataset.skip (decoded batches)": lambda: input_fn().skip(FLAGS.skip_batches),
+        "skip_batches (undecoded examples)": lambda: input_fn(skip_batches=skip),
+        "Dataset.skip (decoded batches)": lambda: input_fn().skip(skip),
     }
+    print(harness.machine_line(), flush=True)
     print(
-        f"first batch after {FLAGS.skip_batches} skipped batches of "
-        f"{FLAGS.batch_size} ({FLAGS.skip_batches * FLAGS.batch_size} images)"
+        f"first batch after {skip} batches of {BATCH_SIZE} ({skip * BATCH_SIZE} images)"
     )
-    for round_index in range(FLAGS.rounds):
-        for name, make in ways.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            next(iter(make()))
-            print(
-                f"round {round_index}: {name:34s} "
-                f"{time.perf_counter() - wall:6.2f} s wall "
-                f"{time.process_time() - cpu:6.2f} s CPU",
-                flush=True,
-            )
+    runs = harness.interleave(
+        {
+            name: (lambda make=make: harness.timed(lambda: next(iter(make()))))
+            for name, make in ways.items()
+        },
+        FLAGS.rounds,
+    )
+    figures = {
+        name: {
+            "wall_s": harness.summary([w for w, _ in r]),
+            "cpu_s": harness.summary([c for _, c in r]),
+        }
+        for name, r in runs.items()
+    }
+    rows = [
+        [name, harness.show(f["wall_s"], ".2f"), harness.show(f["cpu_s"], ".2f")]
+        for name, f in figures.items()
+    ]
+    print(harness.markdown_table(["way", "wall s", "CPU s"], rows))
+    harness.write_results("resume_skip", figures)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    harness.run(main)

@@ -1,131 +1,114 @@
-"""Cost of `TrustRatioMonitor` in `model.fit`: off, every 10 steps, every step.
+"""What does `TrustRatioMonitor` cost in `model.fit`: off, every 10 steps,
+every step?
+
+    python -m benchmarks.trust_ratio_monitor_overhead [--rounds=7] [--steps=20]
 
 A small CNN (`train.models.build_model("small_alexnet_bn", 10, 32)`) trains
 with LARS on random 32x32 images, batch 128, as three models with the same
 seed: without the monitor, with it every 10 steps and with it every step (its
-probe batch is one training batch). After a warm-up fit (tracing the train step
-and the monitor's function), rounds of `model.fit(steps_per_epoch=STEPS)` run
-interleaved (off, 10, 1, off, 10, 1, ... each round starting at a different
-one) so load from other processes hits all alike. Printed: median steps/s of
-each and its median per-round ratio to "off", with the 25th-75th percentile,
-both in wall time and in this process's CPU time (`time.process_time`, all
-threads), which other processes' load on a shared machine disturbs far less.
-Then, in the same rounds, one measurement (`monitor.measure()`) against one
-training step (`model.train_on_batch`) on the same batch: the monitor's cost
-every N steps is about that ratio divided by N.
-
-Run (about a minute on a 2-core CPU):
-
-    python benchmarks/trust_ratio_monitor_overhead.py
+probe batch is one training batch). After a warm-up fit (tracing the train
+step and the monitor's function), interleaved rounds run
+`model.fit(steps_per_epoch=--steps)` on each. Figures: steps/s and the
+per-round throughput ratio to "off", in wall and CPU time; and, in the same
+rounds, one measurement (`monitor.measure()`) against one training step
+(`train_on_batch`) on the same batch, five of each: the monitor's cost every
+N steps is about that ratio divided by N.
 """
 
-import argparse
 import os
-import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+from absl import flags
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from lars_tf import LARS, TrustRatioMonitor  # noqa: E402
-from train.models import build_model  # noqa: E402
+from benchmarks import harness
 
 BATCH = 128
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
+MONITORS = {"off": None, "every 10": 10, "every 1": 1}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("steps", 20, "Steps per model per round.", lower_bound=1)
+harness.set_defaults(rounds=7)
 
 
-def make_model():
-    keras.utils.set_random_seed(0)
-    model = build_model("small_alexnet_bn", NUM_CLASSES, IMAGE_SIZE)
-    model.compile(
-        optimizer=LARS(1.0, weight_decay=5e-4),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    return model
+def fitted_models(images, labels, dataset) -> dict:
+    """Name -> (model, callbacks), each fitted once (tracing)."""
+    import keras
+
+    from lars_tf import LARS, TrustRatioMonitor
+    from train.models import build_model
+
+    models = {}
+    for name, every in MONITORS.items():
+        callbacks = (
+            [] if every is None else [TrustRatioMonitor((images, labels), every)]
+        )
+        keras.utils.set_random_seed(0)
+        model = build_model("small_alexnet_bn", NUM_CLASSES, IMAGE_SIZE)
+        model.compile(
+            optimizer=LARS(1.0, weight_decay=5e-4),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(dataset, steps_per_epoch=10, verbose=0, callbacks=callbacks)
+        models[name] = (model, callbacks)
+    return models
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="Steps per round.")
-    parser.add_argument("--rounds", type=int, default=7)
-    args = parser.parse_args()
+def main() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
 
+    print(harness.machine_line(), flush=True)
     rng = np.random.default_rng(0)
     images = rng.normal(size=(BATCH, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
     labels = rng.integers(0, NUM_CLASSES, size=(BATCH,)).astype(np.int32)
     dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
-
-    candidates = {}
-    for name, every in (("off", None), ("every 10", 10), ("every 1", 1)):
-        callbacks = (
-            [] if every is None else [TrustRatioMonitor((images, labels), every)]
+    models = fitted_models(images, labels, dataset)
+    candidates = {
+        name: lambda model=model, callbacks=callbacks: harness.timed(
+            model.fit,
+            dataset,
+            steps_per_epoch=FLAGS.steps,
+            verbose=0,
+            callbacks=callbacks,
         )
-        model = make_model()
-        model.fit(dataset, steps_per_epoch=10, epochs=1, verbose=0, callbacks=callbacks)
-        candidates[name] = (model, callbacks)
-
-    names = list(candidates)
-    wall = {name: [] for name in names}
-    cpu = {name: [] for name in names}
-    probe_model, (probe_monitor,) = candidates["every 1"]
-    measure_per_step = {"wall": [], "cpu": []}
-    for round_index in range(args.rounds):
-        step_time = _timed(lambda: probe_model.train_on_batch(images, labels))
-        measure_time = _timed(probe_monitor.measure)
-        for clock, step_seconds, measure_seconds in zip(
-            ("wall", "cpu"), step_time, measure_time, strict=True
-        ):
-            measure_per_step[clock].append(measure_seconds / step_seconds)
-        order = names[round_index % len(names) :] + names[: round_index % len(names)]
-        for name in order:
-            model, callbacks = candidates[name]
-            seconds = _timed(
-                lambda model=model, callbacks=callbacks: model.fit(
-                    dataset,
-                    steps_per_epoch=args.steps,
-                    epochs=1,
-                    verbose=0,
-                    callbacks=callbacks,
-                ),
-                repeats=1,
+        for name, (model, callbacks) in models.items()
+    }
+    probe_model, (probe_monitor,) = models["every 1"]
+    candidates["one train step x5"] = lambda: harness.timed(
+        lambda: [probe_model.train_on_batch(images, labels) for _ in range(5)]
+    )
+    candidates["one measurement x5"] = lambda: harness.timed(
+        lambda: [probe_monitor.measure() for _ in range(5)]
+    )
+    runs = harness.interleave(candidates, FLAGS.rounds)
+    figures = {}
+    for clock, index in (("wall", 0), ("cpu", 1)):
+        times = {name: np.array([r[index] for r in rs]) for name, rs in runs.items()}
+        for name in MONITORS:
+            figures.setdefault(name, {})[f"{clock}_x_off"] = harness.ratio(
+                times["off"], times[name]
             )
-            wall[name].append(seconds[0])
-            cpu[name].append(seconds[1])
-
-    print(
-        f"small_alexnet_bn, batch {BATCH}, {IMAGE_SIZE}x{IMAGE_SIZE}, LARS; "
-        f"{args.rounds} rounds of {args.steps} steps"
-    )
-    print(
-        f"{'monitor':<10} {'steps/s':>8} {'wall ratio':>11} {'p25-p75':>13} "
-        f"{'CPU ratio':>10} {'p25-p75':>13}"
-    )
-    for name in names:
-        cells = [f"{name:<10}", f"{np.median(args.steps / np.array(wall[name])):>8.2f}"]
-        for times in (wall, cpu):
-            # Throughput relative to "off", per round.
-            ratios = np.array(times["off"]) / np.array(times[name])
-            p25, p75 = np.percentile(ratios, [25, 75])
-            cells.append(f"{np.median(ratios):>10.3f} {p25:>6.3f}-{p75:.3f}")
-        print(" ".join(cells))
-    for clock, ratios in measure_per_step.items():
-        p25, p75 = np.percentile(ratios, [25, 75])
-        print(
-            f"one measurement / one train step ({clock}): "
-            f"{np.median(ratios):.3f} (p25-p75 {p25:.3f}-{p75:.3f})"
+        figures.setdefault("measurement / step", {})[clock] = harness.ratio(
+            times["one measurement x5"], times["one train step x5"]
         )
-
-
-def _timed(function, repeats: int = 5) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of `repeats` calls of `function`."""
-    wall_start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in range(repeats):
-        function()
-    return time.perf_counter() - wall_start, time.process_time() - cpu_start
+    for name in MONITORS:
+        wall = np.array([w for w, _ in runs[name]])
+        figures[name]["steps_per_s_wall"] = harness.summary(FLAGS.steps / wall)
+    rows = [
+        [name, f"{f['steps_per_s_wall']['median']:.2f}", harness.show(f["wall_x_off"])]
+        + [harness.show(f["cpu_x_off"])]
+        for name, f in figures.items()
+        if name in MONITORS
+    ]
+    print(
+        harness.markdown_table(["monitor", "steps/s", "wall x off", "CPU x off"], rows)
+    )
+    for clock, value in figures["measurement / step"].items():
+        print(f"one measurement / one train step ({clock}): {harness.show(value)}")
+    harness.write_results("trust_ratio_monitor_overhead", figures)
 
 
 if __name__ == "__main__":
-    main()
+    harness.run(main)
