@@ -30,7 +30,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["lars_tf"],
-    install_requires=["keras>=3", "numpy"],
+    # rich lays out TrustRatioMonitor's table (Keras requires it too).
+    install_requires=["keras>=3", "numpy", "rich"],
     extras_require={
         "tensorflow": ["tensorflow>=2.16"] + TENSORBOARD,
         "tensorflow-cpu": ["tensorflow-cpu>=2.16"] + TENSORBOARD,
