@@ -298,6 +298,15 @@ class InputFn:
         if self.settings.training and self.settings.data_service:
             batches = data_service.distribute(batches, self.settings.data_service)
             batches = batches.prefetch(tf.data.AUTOTUNE)
+        if self.settings.training:
+            # Endless (shuffled and repeated), and said to be: for a stream of
+            # unknown length (after a filter) MultiWorkerMirroredStrategy's
+            # iterator makes the batch size unknown to the step, whose traced
+            # graph then rounds differently from a mirrored one (grappler
+            # folds a known size's reductions), e.g. BatchNormalization's.
+            batches = batches.apply(
+                tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY)
+            )
         return batches
 
     def _build(
