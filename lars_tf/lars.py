@@ -15,7 +15,7 @@ from lars_tf.rule import local_learning_rate, trust_ratio
 
 Exclusion = Sequence[str] | Callable[[keras.Variable], bool] | None
 
-# trust_ratio: also importable from here, as benchmarks/optimizer_step.py does.
+# trust_ratio: also importable from here (it is defined in lars_tf.rule).
 __all__ = ["LARS", "exclude_bias_and_norm", "trust_ratio"]
 
 
