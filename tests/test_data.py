@@ -382,6 +382,21 @@ def test_label_out_of_range_names_the_record(bad_dir):
     )
 
 
+def test_label_out_of_range_counts_no_record_as_undecodable(two_shards, capfd):
+    input_fn = _input_fn(str(two_shards[0].parent), num_classes=1)  # 2 is invalid.
+    iterator = iter(input_fn())
+    errors = []
+    for _ in range(2):  # Pulled again after the error, as a prefetch thread may.
+        with pytest.raises(tf.errors.InvalidArgumentError) as error:
+            for _ in range(10):
+                next(iterator)
+        errors.append(str(data.user_error(error.value)))
+    assert errors[0].startswith(f"label out of range: {two_shards[1]} record 0 has")
+    assert errors[1].startswith(f"label out of range: {two_shards[1]} record 1 has")
+    assert "Skipped" not in capfd.readouterr().err  # Every image decodes.
+    assert input_fn.skipped_records() == 0
+
+
 def test_missing_dir_names_path_and_patterns(tmp_path):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(UserError, match=f"^--data_dir={missing}: no such folder"):

@@ -594,12 +594,23 @@ class InputFn:
             image, label = self._decoded(example, seed_pair, True)
             return image, label, example[1], position, keys_before
 
-        def account(last_position, element):
+        def gap(last_position, element):
+            """How many examples were dropped just before this one."""
+            image, label, meta, position, keys_before = element
+            return position, (
+                image,
+                label,
+                meta,
+                position - last_position - 1,
+                keys_before,
+            )
+
+        def account(image, label, meta, dropped, keys_before):
             """Records what was dropped before this example; checks end markers
             and labels. Only an example after a gap or with a problem takes the
-            slow branch."""
-            image, label, meta, position, keys_before = element
-            dropped = position - last_position - 1
+            slow branch. A map after `gap`'s scan, not in it: a failing check
+            would leave the scan's state behind, and a pull after the error (a
+            prefetch thread's) would see a gap and name a good record."""
             low = self.source.label_offset
             label_ok = (label >= low) & (label < low + self.source.num_classes)
             fine = (dropped == 0) & label_ok
@@ -615,18 +626,14 @@ class InputFn:
                 )
 
             with tf.control_dependencies([tf.cond(fine, tf.no_op, check)]):
-                return position, (
-                    tf.identity(image),
-                    tf.cast(label - low, tf.int32),
-                    meta["end"],
-                )
+                return tf.identity(image), tf.cast(label - low, tf.int32), meta["end"]
 
         start = (tf.constant(0, tf.int64), tf.fill([_NAMES_KEPT], records.no_key))
         examples = examples.scan(start, remember)
         examples = examples.map(
             decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         ).ignore_errors()
-        examples = examples.scan(tf.constant(-1, tf.int64), account)
+        examples = examples.scan(tf.constant(-1, tf.int64), gap).map(account)
         return examples.filter(lambda image, label, is_end: tf.logical_not(is_end))
 
     def _decoded(self, example, seed_pair, is_encoded: bool):
