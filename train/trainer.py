@@ -40,9 +40,7 @@ first and then, by a rename, the `checkpoint` state file that names the latest
 one, so a crash during a save leaves the previous checkpoint in use.
 """
 
-import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -54,12 +52,12 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 import lars_tf
-from train import RunError, data, models, optimizers
+from train import RunError, data, model_folder, models, optimizers
 from train import config as config_lib
 from train.config import Config
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = model_folder.SUMMARY_FILE
 MODEL_FILE = "model.keras"
 
 
@@ -133,15 +131,6 @@ class PreemptionFlag:
         self.requested = True
 
 
-def read_summary(model_dir: str) -> dict | None:
-    """The summary.json of the folder's run, if it has one."""
-    path = os.path.join(model_dir, SUMMARY_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as file:
-        return json.load(file)
-
-
 def run(
     config: Config,
     *,
@@ -165,10 +154,7 @@ def run(
     """
     wall_start = time.time()
     model_dir = config.model_dir
-    record = config_lib.read_run_record(model_dir)
-    if record is not None:
-        config_lib.check_resume(config, record)
-    previous = read_summary(model_dir)
+    record, previous = model_folder.check(config)
     if previous is not None and previous.get("steps", 0) >= config.train_steps:
         print(
             f"The run in {model_dir} is already finished ({previous['steps']} "
@@ -185,17 +171,7 @@ def run(
         )
     chief = is_chief(strategy)
     log = print if chief else (lambda *args, **kwargs: None)
-    if chief:
-        if config.flags.get("model_dir"):
-            os.makedirs(model_dir, exist_ok=True)
-        elif not os.path.isdir(model_dir):  # A fresh default name: never shared.
-            os.makedirs(os.path.dirname(model_dir), exist_ok=True)
-            os.mkdir(model_dir)
-        if record is None:
-            config_lib.write_json(
-                os.path.join(model_dir, config_lib.RUN_RECORD),
-                config_lib.run_record(config),
-            )
+    model_folder.prepare(config, record, chief)
     if config.synthetic_fallback:
         log(
             "Warning: no MNIST in the default data folder "
@@ -248,16 +224,10 @@ def run(
         checkpoint = tf.train.Checkpoint(
             model=model, optimizer=optimizer, step=step_counter
         )
-    write_dir = model_dir if chief else _worker_temp_dir(strategy, model_dir)
-    manager = tf.train.CheckpointManager(
-        checkpoint,
-        write_dir,
-        max_to_keep=config.keep_checkpoints,
-        step_counter=step_counter,
+    manager, write_dir = model_folder.make_manager(
+        checkpoint, step_counter, config, strategy, chief
     )
-    latest = tf.train.latest_checkpoint(model_dir)
-    if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
+    latest = model_folder.restore_latest(checkpoint, model_dir)
     start_step = int(step_counter.numpy())
     log(
         f"{config.model} on {config.source} ({config.num_classes} classes, "
@@ -383,14 +353,14 @@ def run(
         ):
             eval_logs = _evaluate(evaluate, eval_dataset, summary_writers, step, log)
         if step % config.checkpoint_every_steps == 0 or step == config.train_steps:
-            last_saved = _save(manager, chief, write_dir, step, last_saved)
+            last_saved = model_folder.save(manager, chief, write_dir, step, last_saved)
         if step % config.steps_per_epoch == 0:
             epoch_logs = dict(
                 train_logs, **{f"val_{k}": v for k, v in eval_logs.items()}
             )
             callback_list.on_epoch_end(step // config.steps_per_epoch - 1, epoch_logs)
         if _any_worker_preempted(strategy, preemption.requested):
-            _save(manager, chief, write_dir, step, last_saved)
+            model_folder.save(manager, chief, write_dir, step, last_saved)
             log(f"SIGTERM: saved a checkpoint at step {step}; exiting.")
             sys.exit(PREEMPTED_EXIT_CODE)
 
@@ -509,34 +479,6 @@ def _trust_ratio_monitor(
         log_dir=os.path.join(model_dir, "trust_ratio") if model_dir else None,
         measure_at_start=True,
     )
-
-
-def _worker_temp_dir(strategy: tf.distribute.Strategy, model_dir: str) -> str:
-    """Where a non-chief worker writes its (discarded) copy of a checkpoint.
-
-    Every worker must take part in saving (variables may be collective), but
-    only the chief's copy is kept.
-    """
-    resolver = strategy.cluster_resolver
-    return os.path.join(
-        model_dir, f"workertemp_{resolver.task_type}_{resolver.task_id}"
-    )
-
-
-def _save(
-    manager: tf.train.CheckpointManager,
-    chief: bool,
-    write_dir: str,
-    step: int,
-    last_saved: int | None,
-) -> int:
-    """Saves a checkpoint numbered `step` unless it was the last saved; returns
-    `step`. Every worker decides alike, since saving can be collective."""
-    if step != last_saved:
-        manager.save(checkpoint_number=step)
-        if not chief:
-            shutil.rmtree(write_dir, ignore_errors=True)
-    return step
 
 
 def _make_step_functions(
