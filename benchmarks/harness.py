@@ -186,10 +186,9 @@ def machine() -> dict:
     }
 
 
-def machine_line(facts: dict | None = None) -> str:
+def machine_line() -> str:
     """`machine()` as one line."""
-    facts = facts or machine()
-    return ", ".join(f"{key} {value}" for key, value in facts.items())
+    return ", ".join(f"{key} {value}" for key, value in machine().items())
 
 
 def write_results(name: str, figures: dict) -> Path:

@@ -25,10 +25,10 @@ from tensorflow.python.ops import control_flow_util
 import lars_tf
 from lars_tf.rule import trust_ratio
 
-# Rows of the matrix whose Gram trace is the squared norm under XLA: 4 reads
-# each value once per operand in Eigen's GEMM; 2 takes XLA's own dot emitter
-# (slow, and 1e-4 relative error on 2M values), 8 or more costs more
-# multiply-adds for no less traffic.
+# Rows of the matrix whose Gram trace is the squared norm under XLA: with 4,
+# Eigen's GEMM reads each value once per operand; 2 takes XLA's own dot
+# emitter (slower and less accurate); 8 or more cost more multiply-adds for
+# no less traffic.
 GRAM_ROWS = 4
 
 
@@ -140,9 +140,11 @@ class OneXLAUpdateLARS(lars_tf.LARS):
     """Norms per variable as LARS takes them, then every variable's momentum
     update in one XLA computation: `s = m s - lr (g + d w); w += s`.
 
-    Not distributed-aware (it replaces the base class's per-variable loop);
-    for the single-device benchmark only.
+    Not distributed-aware (it replaces the base class's per-variable loop),
+    so the benchmark times it on one device only.
     """
+
+    single_device = True
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -70,8 +70,9 @@ flags.DEFINE_float("scale", 1.0, "Fraction of every channel count.", lower_bound
 harness.set_defaults(rounds=15)
 
 
-def tf_optimizers(variants: bool) -> dict:
-    """The candidates: name -> (builder taking `jit_compile`, its modes)."""
+def tf_optimizers(variants: bool, distributed: bool) -> dict:
+    """The candidates: name -> (builder taking `jit_compile`, its modes);
+    `distributed` leaves out the designs made for one device."""
     import keras
 
     import lars_tf
@@ -95,7 +96,8 @@ def tf_optimizers(variants: bool) -> dict:
         from benchmarks.lars_update_designs import DESIGNS
 
         for name, cls in DESIGNS.items():
-            candidates[f"design: {name}"] = (lars(cls), tuple(MODES))
+            if not (distributed and getattr(cls, "single_device", False)):
+                candidates[f"design: {name}"] = (lars(cls), tuple(MODES))
     return candidates
 
 
@@ -193,7 +195,9 @@ def scenario_candidates(scenario: str, shapes) -> tuple[dict, dict, dict, str]:
     gradients, strategy, note = scenario_gradients(scenario, shapes)
     usable_modes = ("graph", "own_jit") if strategy else tuple(MODES)
     steps, modes_of = {}, {}
-    for name, (build, modes) in tf_optimizers(FLAGS.variants).items():
+    for name, (build, modes) in tf_optimizers(
+        FLAGS.variants, strategy is not None
+    ).items():
         for mode in (m for m in modes if m in usable_modes):
             key = modes_of.setdefault(name, {})[mode] = f"{name} [{mode}]"
             builder = lambda build=build, mode=mode: build(  # noqa: E731
