@@ -152,6 +152,13 @@ def run(
       train.UserError: the folder holds another run, or the data is unreadable.
       train.RunError: `--max_nonfinite_steps` non-finite steps in a row.
     """
+    try:
+        return _run(config, callbacks)
+    finally:
+        model_folder.release()  # However the run ends.
+
+
+def _run(config: Config, callbacks: Sequence[keras.callbacks.Callback]) -> dict:
     wall_start = time.time()
     model_dir = config.model_dir
     record, previous = model_folder.check(config)
@@ -171,7 +178,7 @@ def run(
         )
     chief = is_chief(strategy)
     log = print if chief else (lambda *args, **kwargs: None)
-    model_folder.prepare(config, record, chief)
+    model_folder.prepare(config, chief, strategy)
     if config.synthetic_fallback:
         log(
             "Warning: no MNIST in the default data folder "
@@ -227,7 +234,7 @@ def run(
     manager, write_dir = model_folder.make_manager(
         checkpoint, step_counter, config, strategy, chief
     )
-    latest = model_folder.restore_latest(checkpoint, model_dir)
+    latest = model_folder.restore_latest(checkpoint, model_dir, repair=chief)
     start_step = int(step_counter.numpy())
     log(
         f"{config.model} on {config.source} ({config.num_classes} classes, "
@@ -314,6 +321,7 @@ def run(
         train_seconds += seconds
         step += steps_run
         step_counter.assign(step)
+        record = model_folder.write_record(config, record, chief)
         if replicas > 1:
             with strategy.scope():  # Assigns every replica's copy.
                 average_statistics()

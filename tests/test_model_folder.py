@@ -1,0 +1,272 @@
+"""The model folder's promises (train/model_folder.py, through `trainer.run`):
+a good checkpoint is never deleted because of a fault, a run never silently
+starts over or changes its settings, one run holds a folder at a time, and a
+failed checkpoint write is one line with the previous checkpoint intact.
+
+Tiny in-process runs (synthetic data, 16x16 images, a few steps); a
+subprocess only where a lock between processes must be seen.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import helpers
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from train import RunError, UserError, config, model_folder, trainer
+
+TINY = {
+    "source": "synthetic",
+    "num_classes": 10,
+    "image_size": 16,
+    "global_batch_size": 8,
+    "warmup_epochs": 0,
+    "skip_eval": True,
+    "steps_per_loop": 2,
+    # Step decay: a run may be extended, so a test can resume a finished one.
+    "lr_schedule": "step",
+}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _keep_signal_handlers():
+    """trainer.run installs signal handlers; give the test process its own back."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
+def _config(model_dir, **settings) -> config.Config:
+    return config.make_config(**{**TINY, **settings}, model_dir=str(model_dir))
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as file:
+                files[os.path.relpath(path, folder)] = file.read()
+    return files
+
+
+def _step_of(prefix: str) -> int:
+    reader = tf.train.load_checkpoint(prefix)
+    return int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def _listed(model_dir) -> list[str]:
+    """The checkpoints the `checkpoint` state file lists, by name."""
+    state = tf.train.get_checkpoint_state(str(model_dir))
+    return [os.path.basename(p) for p in state.all_model_checkpoint_paths]
+
+
+@pytest.fixture
+def six_steps(tmp_path):
+    """A finished run of 6 steps with checkpoints 2, 4 and 6."""
+    model_dir = tmp_path / "run"
+    trainer.run(_config(model_dir, train_steps=6, checkpoint_every_steps=2))
+    assert _listed(model_dir) == ["ckpt-2", "ckpt-4", "ckpt-6"]
+    return model_dir
+
+
+def test_unreadable_newer_checkpoints_are_moved_aside_and_the_run_resumes(
+    six_steps, capfd
+):
+    model_dir = six_steps
+    for name in os.listdir(model_dir):  # ckpt-6: its files are gone.
+        if name.startswith("ckpt-6."):
+            os.remove(model_dir / name)
+    data_file = model_dir / "ckpt-4.data-00000-of-00001"  # ckpt-4: truncated.
+    truncated = data_file.read_bytes()[: data_file.stat().st_size // 2]
+    data_file.write_bytes(truncated)
+    index = (model_dir / "ckpt-4.index").read_bytes()
+    capfd.readouterr()
+
+    class StateAtStart(tf.keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.listed = _listed(model_dir)
+
+    at_start = StateAtStart()
+    # keep_checkpoints=2: with ckpt-4 and ckpt-6 still listed, the run's
+    # first save would have deleted ckpt-2, its only good checkpoint.
+    c = _config(model_dir, train_steps=8, checkpoint_every_steps=2, keep_checkpoints=2)
+    summary = trainer.run(c, callbacks=[at_start])
+
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 8
+    assert at_start.listed == ["ckpt-2"]  # The state file lists the good one.
+    err = capfd.readouterr().err
+    assert f"{model_dir / 'ckpt-6'}: its files are missing" in err
+    assert f"{model_dir / 'ckpt-4'}: unreadable" in err
+    # Moved aside, byte for byte, under a name that says why.
+    aside = model_dir / "unreadable-ckpt-4"
+    assert (aside / "ckpt-4.data-00000-of-00001").read_bytes() == truncated
+    assert (aside / "ckpt-4.index").read_bytes() == index
+    assert f"moved to {aside}" in err
+    assert _listed(model_dir) == ["ckpt-6", "ckpt-8"]
+    assert _step_of(str(model_dir / "ckpt-8")) == 8
+
+
+def test_when_no_checkpoint_restores_the_run_stops_and_changes_nothing(six_steps):
+    model_dir = six_steps
+    for step in (2, 4, 6):
+        data_file = model_dir / f"ckpt-{step}.data-00000-of-00001"
+        data_file.write_bytes(data_file.read_bytes()[:100])
+    before = _snapshot(model_dir)
+    with pytest.raises(UserError) as error:
+        trainer.run(_config(model_dir, train_steps=8, checkpoint_every_steps=2))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"--model_dir={model_dir}: no checkpoint restores")
+    assert "ckpt-6" in message and "ckpt-2" in message
+    assert _snapshot(model_dir) == before
+
+
+def test_checkpoints_without_the_run_record_are_refused(six_steps):
+    model_dir = six_steps
+    os.remove(model_dir / config.RUN_RECORD)
+    before = _snapshot(model_dir)
+    with pytest.raises(UserError) as error:  # Other settings: would pass silently.
+        trainer.run(_config(model_dir, train_steps=8, optimizer="sgd"))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"--model_dir={model_dir} holds checkpoints but no")
+    assert "config.json" in message and "new --model_dir" in message
+    assert _snapshot(model_dir) == before
+
+
+def test_a_run_that_fails_on_its_data_leaves_no_run_record(tmp_path):
+    """Labels 1-3 with --num_classes=2: refused at the first batch, and the
+    corrected command in the same folder trains."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    rng = np.random.default_rng(0)
+    records = [
+        helpers.imagenet_example(
+            tf.io.encode_jpeg(helpers.smooth_image(rng)).numpy(), 1 + i % 3
+        )
+        for i in range(8)
+    ]
+    for split in ("train", "validation"):
+        helpers.write_records(str(data_dir / f"{split}-00000-of-00001"), records)
+    model_dir = tmp_path / "run"
+    settings = dict(source="imagenet", data_dir=str(data_dir), global_batch_size=4)
+    with pytest.raises(UserError, match="label out of range"):
+        trainer.run(_config(model_dir, num_classes=2, train_steps=2, **settings))
+    assert not (model_dir / config.RUN_RECORD).exists()
+    summary = trainer.run(_config(model_dir, num_classes=3, train_steps=2, **settings))
+    assert summary["steps"] == 2
+    assert config.read_run_record(str(model_dir))["config"]["num_classes"] == 3
+
+
+# Holds a model folder's lock until killed: prints "held" once it holds it.
+_HOLDER = """
+import sys
+from train import model_folder
+lock = model_folder.lock(sys.argv[1])
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_one_run_per_folder_and_a_dead_holders_lock_is_taken_over(tmp_path, capfd):
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(model_dir)],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = _snapshot(model_dir)
+        # The command line: one line on stderr, exit 2, nothing written.
+        result = subprocess.run(
+            [sys.executable, "-m", "train.main", "--train_steps=2"]
+            + [f"--{k}={v}" for k, v in TINY.items()]
+            + [f"--model_dir={model_dir}"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith(f"train.main: error: --model_dir={model_dir} is ")
+        assert f"pid {holder.pid} on host" in lines[-1]
+        assert _snapshot(model_dir) == before
+        assert not (model_dir / config.RUN_RECORD).exists()
+        # In this process too (a lock is per open file, not per process).
+        with pytest.raises(UserError, match=f"pid {holder.pid} on host"):
+            trainer.run(_config(model_dir, train_steps=2))
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops its lock, its file stays.
+        holder.wait()
+    assert (model_dir / model_folder.LOCK_FILE).exists()
+    capfd.readouterr()
+    summary = trainer.run(_config(model_dir, train_steps=2))
+    assert summary["steps"] == 2
+    err = capfd.readouterr().err
+    assert f"took over the lock left by pid {holder.pid} on host" in err
+    assert not (model_dir / model_folder.LOCK_FILE).exists()  # Released.
+
+
+def test_a_lock_is_exclusive_per_name_and_released(tmp_path):
+    """The chief holds the folder's lock, each other worker its own."""
+    chief = model_folder.lock(str(tmp_path))
+    worker = model_folder.lock(str(tmp_path), "workertemp_worker_1.lock")
+    with pytest.raises(UserError, match="is in use by another run"):
+        model_folder.lock(str(tmp_path))
+    chief.release()
+    worker.release()
+    assert os.listdir(tmp_path) == []
+    model_folder.lock(str(tmp_path)).release()
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last(
+    tmp_path, monkeypatch, capfd
+):
+    """The disk fills during the save of ckpt-4 (as on a full tmpfs: TF raises
+    ResourceExhaustedError and leaves ckpt-4_temp/); as root, an unwritable
+    folder cannot be made with chmod, so the save is made to fail here."""
+    model_dir = tmp_path / "run"
+    real_save = tf.train.CheckpointManager.save
+
+    def full_disk_save(manager, checkpoint_number=None, **kwargs):
+        if checkpoint_number == 4:
+            temp = model_dir / "ckpt-4_temp"
+            temp.mkdir()
+            raise tf.errors.ResourceExhaustedError(
+                None, None, f"{temp}/part-00000-of-00001; No space left on device"
+            )
+        return real_save(manager, checkpoint_number=checkpoint_number, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", full_disk_save)
+    c = _config(model_dir, train_steps=6, checkpoint_every_steps=2)
+    with pytest.raises(RunError) as error:
+        trainer.run(c)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"could not write checkpoint ckpt-4 in {model_dir}")
+    assert "No space left on device" in message
+    assert message.endswith(f"the last checkpoint, {model_dir / 'ckpt-2'}, is intact")
+    assert tf.train.latest_checkpoint(str(model_dir)) == str(model_dir / "ckpt-2")
+    assert _step_of(str(model_dir / "ckpt-2")) == 2
+    assert not (model_dir / trainer.SUMMARY_FILE).exists()
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", real_save)
+    capfd.readouterr()
+    summary = trainer.run(c)  # With space again: resumes, after cleaning up.
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 6
+    assert f"removed {model_dir / 'ckpt-4_temp'}" in capfd.readouterr().err
+    assert not (model_dir / "ckpt-4_temp").exists()
