@@ -270,3 +270,10 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last(
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 6
     assert f"removed {model_dir / 'ckpt-4_temp'}" in capfd.readouterr().err
     assert not (model_dir / "ckpt-4_temp").exists()
+
+
+def test_a_failed_json_write_is_one_line(tmp_path):
+    path = tmp_path / "gone" / trainer.SUMMARY_FILE  # Its folder is missing.
+    with pytest.raises(RunError) as error:
+        config.write_json(str(path), {"steps": 1})
+    assert str(error.value) == f"could not write {path}: No such file or directory"

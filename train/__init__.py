@@ -70,7 +70,8 @@ class FlagError(UserError, ValueError):
 
 class RunError(Exception):
     """The run stopped for a reason other than the user's input: too many
-    non-finite steps in a row. `train.main` prints its message as one line and
+    non-finite steps in a row, or a write to the model folder failed (no
+    space, an I/O error). `train.main` prints its message as one line and
     exits with status 3 (`RUN_ERROR_EXIT_CODE`); the last checkpoint is intact.
     """
 

@@ -19,6 +19,7 @@ The second half of the file keeps the run's configuration in its model folder:
 `check_resume` compares a resumed run with the one recorded there.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -32,7 +33,7 @@ from typing import Any
 
 from absl import flags
 
-from train import AUGMENTATIONS, FlagError, UserError, sources
+from train import AUGMENTATIONS, FlagError, RunError, UserError, sources
 from train import lars_tf_validation as validation
 from train.data_service import parse_address
 
@@ -833,8 +834,18 @@ def check_resume(config: Config, record: dict) -> None:
 
 def write_json(path: str, content: dict) -> None:
     """Writes `content` to `path` atomically (a temporary file, then a rename),
-    so a crash leaves the previous file or the new one, never half of one."""
+    so a crash leaves the previous file or the new one, never half of one.
+
+    Raises:
+      train.RunError: the write failed (no space, an I/O error, a read-only
+        folder); the previous file, if any, is unchanged.
+    """
     temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(content, file, indent=2, default=str)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(content, file, indent=2, default=str)
+        os.replace(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise RunError(f"could not write {path}: {error.strerror or error}") from None

@@ -9,8 +9,9 @@ describes the command line and what each failure looks like.
 
 Exit status: 0 when the run finished (or was already finished), 2 for a user
 error (a flag, a path, the data, a model folder holding another run; one line
-on stderr), 3 when the run stopped on non-finite steps (`train.RunError`),
-143 when SIGTERM stopped it after a checkpoint.
+on stderr), 3 when the run stopped on non-finite steps or a failed write to
+the model folder (`train.RunError`), 143 when SIGTERM stopped it after a
+checkpoint.
 """
 
 import os
