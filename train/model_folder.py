@@ -253,10 +253,12 @@ def save(
 def _cause(error: Exception) -> str:
     """The operating system's reason in a TensorFlow I/O error ("No space left
     on device"), with the error's type."""
-    text = _first_line(error)
+    text = (getattr(error, "message", None) or str(error)).strip()
+    text = text.splitlines()[0] if text else ""
     text = re.sub(r"^\{\{[^}]*\}\}\s*", "", text)  # {{function_node ...}}
     text = re.sub(r"\s*\[Op:\w+\]$", "", text)
-    return f"{text.rsplit('; ', 1)[-1]} ({type(error).__name__})"
+    reason = text.rsplit("; ", 1)[-1] or type(error).__name__
+    return f"{_shorten(reason)} ({type(error).__name__})"
 
 
 class FolderLock:
@@ -280,7 +282,8 @@ class FolderLock:
         """
         if self._fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
+        # A file that cannot go (a read-only folder) is taken over next time.
+        with contextlib.suppress(OSError):
             os.unlink(self.path)
         os.close(self._fd)
         self._fd = None
@@ -303,7 +306,13 @@ def lock(folder: str, name: str = LOCK_FILE) -> FolderLock | None:
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, name)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise UserError(
+                f"--model_dir={folder}: cannot create its lock file {path} "
+                f"({error.strerror}); give a writable --model_dir"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -328,9 +337,17 @@ def lock(folder: str, name: str = LOCK_FILE) -> FolderLock | None:
         "pid": os.getpid(),
         "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-    return FolderLock(path, fd)
+    held = FolderLock(path, fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    except OSError as error:
+        held.release()
+        raise UserError(
+            f"--model_dir={folder}: cannot write its lock file {path} "
+            f"({error.strerror})"
+        ) from None
+    return held
 
 
 def _holder(fd: int) -> str:
@@ -386,10 +403,13 @@ def _unreadable(prefix: str) -> str | None:
     return None
 
 
-def _first_line(error: Exception, limit: int = 160) -> str:
+def _first_line(error: Exception) -> str:
     text = (getattr(error, "message", None) or str(error)).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    return _shorten(text.splitlines()[0] if text else type(error).__name__)
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _move_aside(prefix: str) -> str | None:
