@@ -3,6 +3,7 @@
 import gzip
 import logging
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -601,6 +602,33 @@ def two_shards(tmp_path):
     for k, path in enumerate(paths):
         _write(str(path), _good_records(6, k + 1))
     return paths
+
+
+def test_a_file_gone_during_training_stops_the_pipeline_naming_it(tmp_path):
+    paths = [tmp_path / f"train-0000{k}-of-00003" for k in range(3)]
+    for k, path in enumerate(paths):
+        _write(str(path), _good_records(4, k + 1))
+    iterator = iter(_input_fn(str(tmp_path), split="train", num_classes=3)())
+    next(iterator)
+    os.remove(paths[1])  # Read again in the next epoch (3 batches of 4).
+    errors = []
+
+    def read_on():
+        try:
+            for _ in range(30):
+                next(iterator)
+        except tf.errors.OpError as error:
+            errors.append(error)
+
+    reader = threading.Thread(target=read_on, daemon=True)  # A hang must not
+    reader.start()  # hang the suite: the guard is far above the ~0.1 s needed.
+    reader.join(timeout=120)
+    assert not reader.is_alive(), "the pipeline hangs"
+    assert [str(data.user_error(error)) for error in errors] == [
+        f"a data file is gone: {paths[1]} (it held 4 records when the run "
+        "started; put it back and resume, or train on the files left in a new "
+        "--model_dir)"
+    ]
 
 
 def _error_of(input_fn) -> UserError:

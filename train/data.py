@@ -375,7 +375,11 @@ class InputFn:
         end_record = self._end_record()
 
         def read_file(file_id, path, expected):
-            records = tf.data.TFRecordDataset(path, buffer_size=RECORD_BUFFER_BYTES)
+            # A file gone since the start reads as empty, and its end marker
+            # reports it: opening it would fail, and `ignore_errors` after the
+            # decode would retry the failed open for ever (the run would hang).
+            present = tf.io.matching_files(_glob_escaped(path))
+            records = tf.data.TFRecordDataset(present, buffer_size=RECORD_BUFFER_BYTES)
             records = records.concatenate(tf.data.Dataset.from_tensors(end_record))
             meta = {"end": tf.constant(False), "expected": tf.cast(expected, tf.int64)}
             return records.scan(
@@ -735,18 +739,36 @@ class InputFn:
                 )
             )
         if records.counted_files:
-            checks.append(
+            complete = ~meta["end"] | (meta["key"] % _FILE_KEY == meta["expected"])
+            path = records.file_names(meta["key"])
+            gone = tf.cond(
+                complete,
+                lambda: tf.constant(False),
+                lambda: tf.size(tf.io.matching_files(_glob_escaped(path))) == 0,
+            )
+            checks += [
                 (
-                    ~meta["end"] | (meta["key"] % _FILE_KEY == meta["expected"]),
+                    complete | gone,
                     [
                         _DATA_ERROR + "corrupted TFRecord file:",
-                        records.file_names(meta["key"]),
+                        path,
                         "(a record fails its checksum: not all of its",
                         meta["expected"],
                         "records could be read)",
                     ],
-                )
-            )
+                ),
+                (
+                    ~gone,
+                    [
+                        _DATA_ERROR + "a data file is gone:",
+                        path,
+                        "(it held",
+                        meta["expected"],
+                        "records when the run started; put it back and resume, or "
+                        "train on the files left in a new --model_dir)",
+                    ],
+                ),
+            ]
         with tf.control_dependencies([said]):  # Named first, then stopped.
             return tf.group(
                 [tf.debugging.Assert(ok, message) for ok, message in checks]
@@ -858,6 +880,11 @@ def list_record_files(data_dir: str | None, split: str) -> list[str]:
             f"standard layout: {' and '.join(sources.RECORD_PATTERNS.values())})"
         )
     return files
+
+
+def _glob_escaped(path: tf.Tensor) -> tf.Tensor:
+    """``path`` as a `tf.io.matching_files` pattern that matches only itself."""
+    return tf.strings.regex_replace(path, r"([*?\[\\])", r"\\\1")
 
 
 def _pipeline(input_context: tf.distribute.InputContext | None) -> tuple[int, int]:
