@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import helpers
 import numpy as np
@@ -90,18 +91,24 @@ def test_unreadable_newer_checkpoints_are_moved_aside_and_the_run_resumes(
     index = (model_dir / "ckpt-4.index").read_bytes()
     capfd.readouterr()
 
-    class StateAtStart(tf.keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.listed = _listed(model_dir)
+    class ListedCheckpoints(tf.keras.callbacks.Callback):
+        """The state file's checkpoints at the start and after each loop."""
 
-    at_start = StateAtStart()
-    # keep_checkpoints=2: with ckpt-4 and ckpt-6 still listed, the run's
-    # first save would have deleted ckpt-2, its only good checkpoint.
+        def on_train_begin(self, logs=None):
+            self.listed = {"start": _listed(model_dir)}
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.listed[batch + 1] = _listed(model_dir)
+
+    listed = ListedCheckpoints()
+    # keep_checkpoints=2: had the checkpoint manager kept ckpt-4 and ckpt-6 on
+    # its list, its save of ckpt-4 would have deleted ckpt-2.
     c = _config(model_dir, train_steps=8, checkpoint_every_steps=2, keep_checkpoints=2)
-    summary = trainer.run(c, callbacks=[at_start])
+    summary = trainer.run(c, callbacks=[listed])
 
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 8
-    assert at_start.listed == ["ckpt-2"]  # The state file lists the good one.
+    assert listed.listed["start"] == ["ckpt-2"]  # The good one only.
+    assert listed.listed[6] == ["ckpt-2", "ckpt-4"]  # After the save at 4.
     err = capfd.readouterr().err
     assert f"{model_dir / 'ckpt-6'}: its files are missing" in err
     assert f"{model_dir / 'ckpt-4'}: unreadable" in err
@@ -127,6 +134,23 @@ def test_when_no_checkpoint_restores_the_run_stops_and_changes_nothing(six_steps
     assert message.startswith(f"--model_dir={model_dir}: no checkpoint restores")
     assert "ckpt-6" in message and "ckpt-2" in message
     assert _snapshot(model_dir) == before
+
+
+def test_without_the_checkpoint_file_the_run_resumes_from_the_newest_on_disk(
+    six_steps, capfd
+):
+    model_dir = six_steps
+    os.remove(model_dir / model_folder.CHECKPOINT_STATE)
+    c = _config(model_dir, train_steps=8, checkpoint_every_steps=2, keep_checkpoints=3)
+    capfd.readouterr()
+    summary = trainer.run(c)
+    assert summary["resumed_from_step"] == 6 and summary["steps"] == 8
+    assert "wrote one listing the 3 found (ckpt-2, ckpt-4, ckpt-6)" in (
+        capfd.readouterr().err
+    )
+    # The rebuilt state file put the found checkpoints under --keep_checkpoints.
+    assert _listed(model_dir) == ["ckpt-4", "ckpt-6", "ckpt-8"]
+    assert not (model_dir / "ckpt-2.index").exists()
 
 
 def test_checkpoints_without_the_run_record_are_refused(six_steps):
@@ -231,6 +255,23 @@ def test_a_lock_is_exclusive_per_name_and_released(tmp_path):
     worker.release()
     assert os.listdir(tmp_path) == []
     model_folder.lock(str(tmp_path)).release()
+
+
+def test_each_worker_holds_its_part_of_the_folder(tmp_path):
+    """Under multi_worker a worker other than the chief holds the lock of its
+    temporary checkpoint folder: a second cluster's worker 1 is refused."""
+    c = _config(tmp_path, train_steps=2)
+    resolver = types.SimpleNamespace(task_type="worker", task_id=1)
+    strategy = types.SimpleNamespace(cluster_resolver=resolver)
+    model_folder.prepare(c, False, strategy)
+    try:
+        assert os.listdir(tmp_path) == ["workertemp_worker_1.lock"]
+        with pytest.raises(UserError, match="workertemp_worker_1.lock"):
+            model_folder.lock(str(tmp_path), "workertemp_worker_1.lock")
+        model_folder.lock(str(tmp_path)).release()  # The chief's is free.
+    finally:
+        model_folder.release()
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last(

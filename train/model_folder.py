@@ -131,8 +131,18 @@ def make_manager(
     chief: bool,
 ) -> tuple[tf.train.CheckpointManager, str]:
     """The checkpoint manager and the folder it writes to (a temporary one on
-    a non-chief worker)."""
+    a non-chief worker).
+
+    The chief first sets unreadable checkpoints aside (`newest_readable`), so
+    the manager, which reads the `checkpoint` state file once, manages only
+    good ones.
+
+    Raises:
+      train.UserError: the folder holds checkpoints and none reads.
+    """
     model_dir = config.model_dir
+    if chief:
+        newest_readable(model_dir, repair=True)
     write_dir = model_dir if chief else worker_temp_dir(strategy, model_dir)
     manager = tf.train.CheckpointManager(
         checkpoint,
@@ -146,27 +156,49 @@ def make_manager(
 def restore_latest(
     checkpoint: tf.train.Checkpoint, model_dir: str, repair: bool
 ) -> str | None:
-    """Restores the newest of the folder's checkpoints that reads whole; returns
-    its path, or None when the folder holds none.
-
-    The candidates are those the `checkpoint` state file lists (a write that
-    did not finish is not listed), else every `ckpt-N` in the folder. Newer
-    ones that do not read (files missing, truncated, overwritten) are named on
-    stderr and, with `repair` (the chief; the other workers read the same
-    files and choose alike), moved aside to `unreadable-ckpt-N/` and left out
-    of the rewritten state file, so that `--keep_checkpoints` counts only good
-    ones. Nothing is changed unless an older checkpoint restores.
+    """Restores the newest of the folder's checkpoints that reads whole
+    (`newest_readable`); returns its path, or None when the folder holds none.
 
     Raises:
       train.UserError: the folder holds checkpoints and none restores, or the
         newest readable one does not hold this run's model and optimizer.
     """
+    path = newest_readable(model_dir, repair)
+    if path is None:
+        return None
+    try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+    except (AssertionError, ValueError) as error:
+        raise UserError(
+            f"{path} does not hold this run's model and optimizer "
+            f"({_first_line(error)}); use a new --model_dir"
+        ) from None
+    return path
+
+
+def newest_readable(model_dir: str, repair: bool) -> str | None:
+    """The newest of the folder's checkpoints that reads whole, or None when
+    the folder holds none.
+
+    The candidates are those the `checkpoint` state file lists (a write that
+    did not finish is not listed), else every `ckpt-N` in the folder. With
+    `repair` (the chief; the other workers read the same files and choose
+    alike), newer ones that do not read (files missing, truncated,
+    overwritten) are named on stderr, moved aside to `unreadable-ckpt-N/` and
+    left out of the rewritten state file, so that `--keep_checkpoints` counts
+    only good ones; a missing state file is written anew, listing the good
+    ones found. Nothing is changed unless some checkpoint reads. A second
+    call finds the folder repaired.
+
+    Raises:
+      train.UserError: the folder holds checkpoints and none reads.
+    """
     state = tf.train.get_checkpoint_state(model_dir)
-    candidates = list(state.all_model_checkpoint_paths) if state else []
-    if state and state.model_checkpoint_path not in candidates + [""]:
-        candidates.append(state.model_checkpoint_path)
-    if not candidates:  # No state file (or it names none): the files.
-        candidates = _checkpoints_on_disk(model_dir)
+    listed = list(state.all_model_checkpoint_paths) if state else []
+    if state and state.model_checkpoint_path not in listed + [""]:
+        listed.append(state.model_checkpoint_path)
+    # No state file (or one naming none): the files, and a new state file.
+    candidates = listed or _checkpoints_on_disk(model_dir)
     problems = []
     for path in reversed(candidates):
         problem = _unreadable(path)
@@ -183,25 +215,30 @@ def restore_latest(
             "and the `checkpoint` file away to start again from step 0, or use a "
             "new --model_dir"
         )
-    try:
-        checkpoint.restore(path).assert_existing_objects_matched()
-    except (AssertionError, ValueError) as error:
-        raise UserError(
-            f"{path} does not hold this run's model and optimizer "
-            f"({_first_line(error)}); use a new --model_dir"
-        ) from None
+    if repair:
+        _repair(model_dir, state if listed else None, candidates, problems, path)
+    return path
+
+
+def _repair(model_dir: str, state, candidates: list, problems: list, good: str):
+    """Moves the unreadable `problems` aside and writes the state file that
+    lists the rest of `candidates`, `good` the latest (see `newest_readable`)."""
     for bad, why in problems:
-        moved = _move_aside(bad) if repair else None
+        moved = _move_aside(bad)
         warn(
-            f"{bad}: {why}; resuming from {os.path.basename(path)}"
+            f"{bad}: {why}; resuming from {os.path.basename(good)}"
             + (f" (its files moved to {moved})" if moved else "")
             + "."
         )
-    if problems and repair:
-        _rewrite_state(
-            model_dir, state, [p for p in candidates if p not in dict(problems)], path
-        )
-    return path
+    if problems or state is None:
+        kept = [p for p in candidates if p not in dict(problems)]
+        _rewrite_state(model_dir, state, kept, good)
+        if state is None:
+            warn(
+                f"{model_dir}: no {CHECKPOINT_STATE} file named its checkpoints; "
+                f"wrote one listing the {len(kept)} found "
+                f"({', '.join(os.path.basename(p) for p in kept)})."
+            )
 
 
 def worker_temp_dir(strategy: tf.distribute.Strategy, model_dir: str) -> str:
