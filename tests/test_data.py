@@ -631,6 +631,21 @@ def test_a_file_gone_during_training_stops_the_pipeline_naming_it(tmp_path):
     ]
 
 
+def test_a_resume_without_a_training_file_is_refused(tmp_path):
+    from train import config as config_lib
+
+    for k in range(3):
+        _write(str(tmp_path / f"train-0000{k}-of-00003"), _good_records(4, k + 1))
+    _write(str(tmp_path / "validation-00000-of-00001"), _good_records(4))
+    flags = dict(source="imagenet", data_dir=str(tmp_path), model_dir=str(tmp_path))
+    record = config_lib.run_record(config_lib.make_config(**flags))
+    config_lib.check_resume(config_lib.make_config(**flags), record)  # Unchanged.
+    os.remove(tmp_path / "train-00001-of-00003")
+    with pytest.raises(UserError) as error:
+        config_lib.check_resume(config_lib.make_config(**flags), record)
+    assert str(error.value).splitlines()[1:] == ["--data_dir (train files): 3 -> 2"]
+
+
 def _error_of(input_fn) -> UserError:
     """The UserError of building and reading the pipeline (either may raise)."""
     try:

@@ -789,6 +789,8 @@ def _meaning(record: dict) -> dict:
         if name not in RESUMABLE_FLAGS + ("train_epochs", "train_steps")
     }
     meaning["train_steps/--train_epochs"] = resolved.get("train_steps")
+    if resolved.get("train_files") is not None:  # Recorded for TFRecord sources.
+        meaning["data_dir (train files)"] = resolved["train_files"]
     return meaning
 
 

@@ -63,6 +63,9 @@ class Source:
     label_offset: int = 0
     data_dir: str | None = None
     tfds_name: str | None = None
+    # TFRecord files of the train split (imagenet): a resumed run must find
+    # the same number, or its data and position in them are not the run's.
+    train_files: int | None = None
 
 
 _IMAGENET = Source(
@@ -331,6 +334,7 @@ def _describe_imagenet(data_dir: str, label_offset: int | None) -> Source:
         facts,
         num_classes=facts.num_classes + 1 - label_offset,
         label_offset=label_offset,
+        train_files=len(_glob(os.path.join(data_dir, RECORD_PATTERNS["train"]))),
     )
 
 
