@@ -30,7 +30,6 @@ ARGS = [
     "--train_steps=3",
     "--seed=3",
     "--deterministic",
-    "--skip_eval",
 ]
 TIMEOUT = 300  # Seconds; a hung collective must not hang the suite.
 
@@ -39,7 +38,7 @@ def _write_mnist(folder) -> None:
     """Random images and labels in MNIST's four IDX files."""
     rng = np.random.default_rng(0)
     for split, (images_name, labels_name) in sources.IDX_FILES.items():
-        count = 512 if split == "train" else 64
+        count = 512 if split == "train" else 200
         _write_idx(folder / images_name, rng.integers(0, 256, (count, 28, 28)))
         _write_idx(folder / labels_name, rng.integers(0, 10, count))
 
@@ -122,3 +121,5 @@ def test_multi_worker_trains_bit_identically_to_mirrored(tmp_path):
             summaries.append(json.load(file))
     assert summaries[0]["steps"] == summaries[1]["steps"] == 3
     assert summaries[0]["train"]["loss"] == summaries[1]["train"]["loss"]
+    assert summaries[0]["eval"]["examples"] == 200
+    assert summaries[0]["eval"] == summaries[1]["eval"]

@@ -23,9 +23,11 @@ stop the pipeline. Errors raised inside a running pipeline reach the caller as
 
 Order: with a fixed seed and ``deterministic=True`` two runs give the same
 examples in the same order with the same augmentation (random ops are
-stateless and seeded per example), and training batches do not depend on the
-number of input pipelines: every pipeline reads the same shuffled record
-stream and keeps every n-th batch of it, undecoded.
+stateless and seeded per example), and batches do not depend on the number of
+input pipelines: every pipeline reads the same record stream (shuffled for
+training) and keeps every n-th batch of it, undecoded; so each replica gets the
+same batches under one input pipeline for all (MirroredStrategy) as under one
+per worker (MultiWorkerMirroredStrategy), evaluation's included.
 """
 
 import dataclasses
@@ -161,7 +163,7 @@ def make_input_fn(
         default: the source's.
       cache: cache the records in memory (small datasets).
       deterministic: keep element order fixed through parallel stages, and
-        training batches independent of the number of input pipelines.
+        batches independent of the number of input pipelines.
       crop_fraction: evaluation center-crop fraction; default 0.875 for JPEG
         sources, 1.0 (no crop) for decoded ones (MNIST).
       shuffle_buffer_size: examples in the shuffle buffer.
@@ -320,10 +322,9 @@ class InputFn:
                 settings.global_batch_size
             )
         num_pipelines, pipeline_id = _pipeline(input_context)
-        # Deterministic training batches do not depend on the number of input
-        # pipelines (module docstring): all read one stream, each keeps its share.
-        step_aligned = settings.deterministic and settings.training
-        step_aligned = step_aligned and num_pipelines > 1
+        # Deterministic batches do not depend on the number of input pipelines
+        # (module docstring): all read one stream, each keeps its share.
+        step_aligned = settings.deterministic and num_pipelines > 1
         if step_aligned:
             input_context, seed = None, settings.seed
         else:  # Different pipelines must not draw the same random numbers.
@@ -852,9 +853,12 @@ class InputFn:
         batch = tf.data.Dataset.range(1).map(random_batch).cache()
         if settings.training:
             return batch.repeat().prefetch(tf.data.AUTOTUNE)
-        share = len(range(pipeline_id, source.eval_examples, num_pipelines))
-        full_batches, rest = divmod(share, batch_size)
-        batches = batch.repeat(full_batches)
+        # Batch k of the whole evaluation stream is pipeline k % n's, as the
+        # files' batches are under --deterministic.
+        full_batches, rest = divmod(source.eval_examples, batch_size)
+        if full_batches % num_pipelines != pipeline_id:
+            rest = 0
+        batches = batch.repeat(len(range(pipeline_id, full_batches, num_pipelines)))
         if rest:
             last = batch.map(lambda images, labels: (images[:rest], labels[:rest]))
             batches = batches.concatenate(last)
