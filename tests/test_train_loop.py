@@ -7,8 +7,14 @@ chosen steps get NaN images (so their loss, gradients and the forward pass's
 BatchNormalization statistics are NaN), the rest are the real stream.
 """
 
+import json
 import math
+import os
+import pathlib
+import re
 import signal
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -209,3 +215,98 @@ def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_checkpoint(
     tf.train.Checkpoint(model=restored).read(str(tmp_path / "ckpt-3")).expect_partial()
     for saved, recorded in zip(restored.weights, recorder.states[3][0]):
         np.testing.assert_array_equal(saved.numpy(), recorded)
+
+
+def test_the_first_progress_line_shows_no_eta_until_a_steady_loop_is_timed(
+    tmp_path, capsys
+):
+    # The first loop (one step) includes tracing: an ETA from it would be
+    # far too long. Steps 2 and 3 are loops after it.
+    c = _config(
+        tmp_path, train_steps=3, steps_per_loop=1, log_every_steps=1, skip_eval=True
+    )
+    trainer.run(c)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("train")]
+    assert [x.split()[2] for x in lines] == ["1/3", "2/3", "3/3"]
+    assert lines[0].endswith("images/s  ETA after the next loop"), lines[0]
+    assert all(re.search(r"images/s  ETA \d+:\d\d$", x) for x in lines[1:]), lines
+
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_FLAGS = [f"--{name}={value}" for name, value in TINY.items()]
+
+
+def _start_cli(model_dir, *flags: str) -> subprocess.Popen:
+    """`python -m train.main` on TINY, SIGINT's default action restored (a
+    shell's background job starts with SIGINT ignored)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "train.main", *TINY_FLAGS, f"--model_dir={model_dir}"]
+        + [*flags],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def _wait_for_line(stream, start: str) -> str:
+    """Reads `stream` up to the first line starting with `start`."""
+    for line in stream:
+        if line.startswith(start):
+            return line
+    raise AssertionError(f"no line starting {start!r}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_saves_records_the_segment_and_exits_128_plus_it(
+    tmp_path, signum
+):
+    process = _start_cli(
+        tmp_path, "--train_steps=1000", "--steps_per_loop=2", "--skip_eval"
+    )
+    _wait_for_line(process.stdout, "train step      1/1000")
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    name = signal.Signals(signum).name
+    step = int(stdout.split(f"{name}: saved a checkpoint at step ")[1].split(";")[0])
+    assert [x for x in stderr.splitlines() if name in x] == [
+        f"{name}: stopping after a checkpoint at the end of this loop (exit status "
+        f"{128 + signum})" + ("; SIGINT again exits now." if name == "SIGINT" else ".")
+    ]
+    assert "Traceback" not in stderr
+    # The checkpoint holds the step it names; summary.json the segment.
+    latest = tf.train.latest_checkpoint(str(tmp_path))
+    assert latest == str(tmp_path / f"ckpt-{step}")
+    reader = tf.train.load_checkpoint(latest)
+    assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == step
+    summary = json.loads((tmp_path / trainer.SUMMARY_FILE).read_text())
+    assert summary["steps"] == step and summary["stopped_by"] == name
+    [segment] = summary["segments"]
+    assert (segment["start_step"], segment["end_step"]) == (0, step)
+    assert segment["stopped_by"] == name and segment["train"]["loss"] > 0
+    assert not (tmp_path / trainer.MODEL_FILE).exists()
+
+
+def test_a_second_sigint_exits_at_once_without_a_checkpoint(tmp_path):
+    # The second loop is 9,999 steps: far longer than the test takes.
+    process = _start_cli(
+        tmp_path,
+        "--train_steps=10000",
+        "--steps_per_loop=10000",
+        "--log_every_steps=10000",
+        "--checkpoint_every_steps=10000",
+        "--skip_eval",
+    )
+    _wait_for_line(process.stdout, "train step      1/10000")
+    process.send_signal(signal.SIGINT)
+    _wait_for_line(process.stderr, "SIGINT: stopping")  # Two would merge.
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT
+    assert stderr.splitlines() == ["SIGINT again: exiting now, without a checkpoint."]
+    assert (
+        not list(tmp_path.glob("ckpt-*")) and not (tmp_path / "summary.json").exists()
+    )

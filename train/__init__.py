@@ -2,7 +2,9 @@
 
 The flow, one module each: `main` (the command line) -> `config` (flags to a
 checked `Config`; `sources`: the data's facts) -> `data` and `preprocessing`
-(input pipelines), `models`, `optimizers` -> `trainer` (the training loop).
+(input pipelines), `models`, `optimizers` -> `trainer` (the training loop:
+`model_folder` the folder and its checkpoints, `strategy` the devices and the
+stop signals, `steps` the tf.functions, `summary` what the run records).
 
 This file imports no TensorFlow: `train.config` checks flags before
 TensorFlow starts.

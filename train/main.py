@@ -11,7 +11,7 @@ Exit status: 0 when the run finished (or was already finished), 2 for a user
 error (a flag, a path, the data, a model folder holding another run; one line
 on stderr), 3 when the run stopped on non-finite steps or a failed write to
 the model folder (`train.RunError`), 143 when SIGTERM stopped it after a
-checkpoint.
+checkpoint, 130 when SIGINT did (a second SIGINT: at once, without one).
 """
 
 import os
