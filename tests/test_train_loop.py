@@ -310,3 +310,18 @@ def test_a_second_sigint_exits_at_once_without_a_checkpoint(tmp_path):
     assert (
         not list(tmp_path.glob("ckpt-*")) and not (tmp_path / "summary.json").exists()
     )
+
+
+def test_run_gives_back_the_signal_handlers_it_found(tmp_path):
+    def mine(signum, frame):
+        del signum, frame
+
+    previous = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        trainer.run(_config(tmp_path, train_steps=1, skip_eval=True))
+        assert signal.getsignal(signal.SIGINT) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.set_wakeup_fd(-1) == -1  # None set, as before the run.
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
