@@ -170,6 +170,28 @@ def _define_data_flags(fv: dict) -> None:
     )
 
 
+def _define_holdout_flags(fv: dict) -> None:
+    """The held-out part of the training set."""
+    _define_real(
+        "holdout_fraction",
+        0.0,
+        "Hold out this fraction of the training set (round(F*N) examples, by "
+        "--holdout_seed and the record order; never trained on) as the split "
+        "evaluated during training; the validation (test) split is then "
+        "evaluated once, at the end. 0: off.",
+        _range(0, 0.5, high_open=True),
+        fv,
+    )
+    flags.DEFINE_integer(
+        "holdout_seed",
+        0,
+        "Seed of the --holdout_fraction split (fixed: independent of --seed).",
+        lower_bound=0,
+        upper_bound=MAX_SEED,
+        **fv,
+    )
+
+
 def _define_length_and_rate_flags(fv: dict) -> None:
     """Length of training, batch size and the learning-rate schedule."""
     flags.DEFINE_integer(
@@ -347,6 +369,16 @@ def _define_bookkeeping_flags(fv: dict) -> None:
     )
     flags.DEFINE_bool("skip_eval", False, "Do not evaluate.", **fv)
     flags.DEFINE_integer(
+        "precise_bn_examples",
+        0,
+        "After training, set every BatchNormalization layer's moving mean and "
+        "variance to the average of the global-batch statistics over this many "
+        "training examples (rounded up to whole batches), with the final "
+        "weights; 0: keep the moving averages.",
+        lower_bound=0,
+        **fv,
+    )
+    flags.DEFINE_integer(
         "steps_per_loop",
         10,
         "Steps run inside one tf.function call (the host only sees their end).",
@@ -413,6 +445,11 @@ _AGREEMENTS = (
         "--data_service cannot be used with --deterministic (the service's "
         "workers deliver batches in no fixed order)",
     ),
+    (
+        ("holdout_fraction", "source"),
+        lambda f: not f["holdout_fraction"] or f["source"] != "tfds",
+        "--holdout_fraction is not available with --source=tfds",
+    ),
 )
 
 
@@ -421,6 +458,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     with absl's bounds, enums and validators of what each allows."""
     fv = {"flag_values": flag_values}
     _define_data_flags(fv)
+    _define_holdout_flags(fv)
     _define_length_and_rate_flags(fv)
     _define_optimizer_flags(fv)
     _define_system_flags(fv)
@@ -457,6 +495,8 @@ class Config:
     data: sources.Source  # Never "auto"; --image_size and --num_classes applied.
     augmentation: str
     cache: bool
+    holdout_fraction: float  # 0: no held-out split.
+    holdout_seed: int
     max_skipped_records: int
     data_service: str | None  # HOST:PORT of the dispatcher; None: in-process.
     synthetic_fallback: bool  # Synthetic data because the default folder is absent.
@@ -495,6 +535,7 @@ class Config:
     keep_checkpoints: int
     eval_every_steps: int  # 0: only at the end.
     skip_eval: bool
+    precise_bn_examples: int  # 0: the moving averages as trained.
     steps_per_loop: int
     log_every_steps: int
     trust_ratio_every_steps: int
@@ -684,11 +725,14 @@ def build_config(values: dict) -> Config:
         num_classes=v["num_classes"],
     )
     batch = v["global_batch_size"]
-    steps_per_epoch = facts.train_examples // batch
+    trained_on = facts.train_examples - round(
+        v["holdout_fraction"] * facts.train_examples
+    )
+    steps_per_epoch = trained_on // batch
     if steps_per_epoch < 1:
         raise FlagError(
             "global_batch_size",
-            f"{batch} exceeds the {facts.train_examples} training examples",
+            f"{batch} exceeds the {trained_on} training examples",
         )
     train_steps = v["train_steps"] or round(v["train_epochs"] * steps_per_epoch)
     if train_steps < 1:

@@ -28,6 +28,13 @@ input pipelines: every pipeline reads the same record stream (shuffled for
 training) and keeps every n-th batch of it, undecoded; so each replica gets the
 same batches under one input pipeline for all (MirroredStrategy) as under one
 per worker (MultiWorkerMirroredStrategy), evaluation's included.
+
+Held-out split (`Holdout`): split "holdout" is a fixed random part of the
+training set, read and preprocessed as the validation split is, and a
+training pipeline given the same `Holdout` never reads it. An example's part
+depends only on its position in the split's record order (TFRecord files
+sorted by name, records in file order; IDX images in order) and the holdout's
+seed, so it is the same for every pipeline, replica count and run.
 """
 
 import dataclasses
@@ -99,6 +106,26 @@ def normalize(
 
 
 @dataclasses.dataclass(frozen=True)
+class Holdout:
+    """A held-out `fraction` of the training set, chosen by `seed`."""
+
+    fraction: float = 0.0
+    seed: int = 0
+
+    def size(self, num_examples: int) -> int:
+        """How many of `num_examples` are held out: round(fraction * n)."""
+        return round(self.fraction * num_examples)
+
+    def mask(self, num_examples: int) -> np.ndarray:
+        """[num_examples] bool, True for the held-out positions: the first
+        `size` of a seeded permutation (the large-batch study's split)."""
+        order = np.random.default_rng(self.seed).permutation(num_examples)
+        held_out = np.zeros(num_examples, bool)
+        held_out[order[: self.size(num_examples)]] = True
+        return held_out
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """How a pipeline reads and preprocesses; see `make_input_fn`."""
 
@@ -114,10 +141,16 @@ class Settings:
     shuffle_buffer_size: int = 10_000
     max_skipped_records: int = 10
     data_service: str | None = None
+    holdout: Holdout = Holdout()
 
     @property
     def training(self) -> bool:
         return self.split == "train"
+
+    @property
+    def read_split(self) -> str:
+        """The source's split whose files this pipeline reads."""
+        return "train" if self.split == "holdout" else self.split
 
 
 def make_input_fn(
@@ -139,6 +172,7 @@ def make_input_fn(
     shuffle_buffer_size: int = 10_000,
     max_skipped_records: int = 10,
     data_service: str | None = None,
+    holdout: Holdout | None = None,
 ) -> "InputFn":
     """An `InputFn` for ``strategy.distribute_datasets_from_function``.
 
@@ -174,6 +208,8 @@ def make_input_fn(
         pipeline a job of its own over its own files. Their skipped records
         are counted on the workers, not by this `InputFn`. Evaluation ignores
         it (the exact one pass stays in this process).
+      holdout: the training set's held-out part: split "train" leaves it out,
+        split "holdout" is it (one pass, as "validation"). Not for "tfds".
     """
     if isinstance(source, str):
         source = sources.describe(
@@ -181,8 +217,13 @@ def make_input_fn(
         )
     if num_classes:
         source = dataclasses.replace(source, num_classes=num_classes)
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    holdout = holdout or Holdout()
+    if split not in (*SPLITS, "holdout"):
+        raise ValueError(f"split must be one of {SPLITS} or holdout, got {split!r}")
+    if holdout.fraction and source.name == "tfds":
+        raise ValueError("a holdout split needs the imagenet, IDX or synthetic source")
+    if split == "holdout" and not holdout.fraction:
+        raise ValueError("split holdout needs a holdout fraction > 0")
     augmentation = augmentation or source.default_augmentation
     if augmentation not in preprocessing.AUGMENTATIONS:
         raise ValueError(
@@ -208,6 +249,7 @@ def make_input_fn(
             shuffle_buffer_size=shuffle_buffer_size,
             max_skipped_records=max_skipped_records,
             data_service=data_service,
+            holdout=holdout,
         ),
     )
 
@@ -228,6 +270,10 @@ class _Records:
     file_names: Callable[[tf.Tensor], tf.Tensor]
     no_key: np.generic  # The key dtype's zero.
     counted_files: bool = False  # End markers carry the counts to check.
+    # Keys -> positions in the split's record order, and how many there are
+    # (for the held-out split; None: not available).
+    positions: Callable[[tf.Tensor], tf.Tensor] | None = None
+    num_examples: int | None = None
 
 
 def parse_image_record(
@@ -333,7 +379,7 @@ class InputFn:
             return self._synthetic(batch_size, seed, num_pipelines, pipeline_id)
 
         records = self._read(input_context, seed)
-        examples = self._shuffle(records.examples, seed)
+        examples = self._shuffle(self._select(records), seed)
         keep = (pipeline_id, num_pipelines) if step_aligned else (0, 1)
         examples = self._keep(examples, batch_size, skip_batches, keep)
         if records.is_encoded:
@@ -364,10 +410,20 @@ class InputFn:
     ) -> _Records:
         """The split's TFRecords of this pipeline, each file followed by an end
         marker: a record, decodable like the others, that carries the count."""
-        split = self.settings.split
-        files = list_record_files(self.source.data_dir, split)
-        files, by_files = _share_files(files, input_context, f"{split} files")
+        split = self.settings.read_split
+        all_files = list_record_files(self.source.data_dir, split)
+        files, by_files = _share_files(all_files, input_context, f"{split} files")
         counts = [self._count_records(path) for path in files]
+        positions = num_examples = None
+        if self.settings.holdout.fraction:  # Positions over all the files.
+            all_counts = [self._count_records(path) for path in all_files]
+            starts = dict(zip(all_files, np.cumsum([0] + all_counts[:-1])))
+            first = tf.constant([starts[path] for path in files], tf.int64)
+            num_examples = sum(all_counts)
+
+            def positions(keys):
+                return tf.gather(first, keys // _FILE_KEY) + keys % _FILE_KEY
+
         file_ids = tf.data.Dataset.from_tensor_slices(
             (tf.range(len(files), dtype=tf.int64), files, counts)
         )
@@ -414,6 +470,8 @@ class InputFn:
             file_names=lambda keys: tf.gather(paths, keys // _FILE_KEY),
             no_key=np.int64(0),
             counted_files=True,
+            positions=positions,
+            num_examples=num_examples,
         )
 
     def _end_record(self) -> tf.Tensor:
@@ -444,7 +502,7 @@ class InputFn:
         import tensorflow_datasets as tfds  # Slow to import: only when used.
 
         builder = tfds.builder(self.source.tfds_name, data_dir=self.source.data_dir)
-        split = _tfds_split(builder, self.settings.split)
+        split = _tfds_split(builder, self.settings.read_split)
         image_feature = builder.info.features["image"]
         is_encoded = getattr(image_feature, "encoding_format", None) == "jpeg"
         own_files, by_files = _share_files(
@@ -501,10 +559,9 @@ class InputFn:
         )
 
     def _read_idx(self, input_context: tf.distribute.InputContext | None) -> _Records:
-        images, labels = load_idx_split(self.source.data_dir, self.settings.split)
-        images_path = os.path.join(
-            self.source.data_dir, sources.IDX_FILES[self.settings.split][0]
-        )
+        split = self.settings.read_split
+        images, labels = load_idx_split(self.source.data_dir, split)
+        images_path = os.path.join(self.source.data_dir, sources.IDX_FILES[split][0])
         examples = tf.data.Dataset.from_tensor_slices((images, labels)).enumerate()
         examples = examples.map(
             lambda index, example: (
@@ -524,9 +581,28 @@ class InputFn:
             record_names=record_names,
             file_names=lambda keys: tf.fill(tf.shape(keys), images_path),
             no_key=np.int64(0),
+            positions=lambda keys: keys,
+            num_examples=len(labels),
         )
 
     # -- Order --------------------------------------------------------------
+
+    def _select(self, records: _Records) -> tf.data.Dataset:
+        """The examples of this pipeline's part of a held-out training set:
+        training leaves the held-out ones out, "holdout" keeps only them. End
+        markers always pass (their checks count what was read, not kept)."""
+        holdout = self.settings.holdout
+        if not holdout.fraction or self.settings.read_split != "train":
+            return records.examples
+        held_out = tf.constant(holdout.mask(records.num_examples))
+        wanted = self.settings.split == "holdout"
+        last = records.num_examples - 1
+
+        def keep(payload, meta):
+            position = tf.minimum(records.positions(meta["key"]), last)
+            return meta["end"] | (tf.gather(held_out, position) == wanted)
+
+        return records.examples.filter(keep)
 
     def _shuffle(self, examples: tf.data.Dataset, seed: int | None) -> tf.data.Dataset:
         """Cached, shuffled and repeated as the settings say, each example
@@ -855,7 +931,10 @@ class InputFn:
             return batch.repeat().prefetch(tf.data.AUTOTUNE)
         # Batch k of the whole evaluation stream is pipeline k % n's, as the
         # files' batches are under --deterministic.
-        full_batches, rest = divmod(source.eval_examples, batch_size)
+        count = source.eval_examples
+        if settings.split == "holdout":  # Its examples are all alike too.
+            count = settings.holdout.size(source.train_examples)
+        full_batches, rest = divmod(count, batch_size)
         if full_batches % num_pipelines != pipeline_id:
             rest = 0
         batches = batch.repeat(len(range(pipeline_id, full_batches, num_pipelines)))

@@ -3,8 +3,9 @@
 `make_step_functions` builds them: `train_loop` (up to N training steps in one
 call, each `strategy.run(train_step)`), `evaluate` (one pass over a dataset)
 and `average_statistics` (the replicas' BatchNormalization statistics to
-their mean). Built once the mixed-precision policy is set: the steps normalize
-the uint8 pixels (`data.normalize`) in its compute dtype, on the device.
+their mean); `recompute_bn_statistics` is --precise_bn_examples. Built once
+the mixed-precision policy is set: the steps normalize the uint8 pixels
+(`data.normalize`) in its compute dtype, on the device.
 
 Losses: the per-example cross-entropy (float32 logits, label smoothing through
 one-hot labels) is summed and divided by the GLOBAL batch on every replica
@@ -252,3 +253,79 @@ def _make_average_statistics(
             variable.assign(strategy.reduce("MEAN", local, axis=None))
 
     return average_statistics
+
+
+def batch_norm_layers(layer: keras.layers.Layer) -> list:
+    """The BatchNormalization layers of `layer`, nested models' included."""
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return [layer]
+    found = []
+    for inner in getattr(layer, "layers", ()):
+        found += batch_norm_layers(inner)
+    return found
+
+
+def recompute_bn_statistics(
+    config: Config,
+    strategy: tf.distribute.Strategy,
+    model: keras.Model,
+    iterator,
+    num_batches: int,
+) -> None:
+    """Sets every BatchNormalization layer's moving mean and variance to the
+    average over `num_batches` global batches from `iterator` of the global
+    batch's statistics, computed with the weights as they are (precise BN).
+
+    A training-mode forward pass with momentum 0 leaves each replica's batch
+    mean m_r and variance v_r in its copy of the moving statistics; the global
+    batch's (replicas' batches are equally big) are mean(m_r) and
+    mean(v_r) + (mean(m_r**2) - mean(m_r)**2). With one replica they are the
+    batch's own, exactly. Only the moving statistics change."""
+    layers = batch_norm_layers(model)
+    if not layers:
+        return
+    source = config.data_source()
+    compute_dtype = keras.mixed_precision.global_policy().compute_dtype
+
+    def replica_moments(batch):
+        images, _ = batch
+        model(data.normalize(images, source, compute_dtype), training=True)
+        # Copies: a variable's own value would come back as the variable,
+        # whose reduction is the first replica's copy.
+        return [
+            (
+                tf.identity(layer.moving_mean.value),
+                tf.identity(layer.moving_variance.value),
+                tf.square(layer.moving_mean.value),
+            )
+            for layer in layers
+        ]
+
+    @tf.function
+    def average_moments(iterator, num_batches):
+        sums = [(tf.zeros_like(layer.moving_mean.value),) * 2 for layer in layers]
+        for _ in tf.range(num_batches):
+            moments = tf.nest.map_structure(
+                lambda value: strategy.reduce("MEAN", value, axis=None),
+                strategy.run(replica_moments, args=(next(iterator),)),
+            )
+            sums = [
+                (total_mean + mean, total_variance + variance + (square - mean**2))
+                for (total_mean, total_variance), (mean, variance, square) in zip(
+                    sums, moments
+                )
+            ]
+        return sums
+
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:  # Read when the function is traced.
+        layer.momentum = 0.0
+    try:
+        sums = average_moments(iterator, tf.constant(num_batches))
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    with strategy.scope():  # Assigns every replica's copy.
+        for layer, (total_mean, total_variance) in zip(layers, sums):
+            layer.moving_mean.assign(total_mean / num_batches)
+            layer.moving_variance.assign(total_variance / num_batches)

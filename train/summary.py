@@ -25,7 +25,11 @@ class Progress:
     wall_start: float  # When `trainer.run` was called.
     step: int = dataclasses.field(init=False)
     train_logs: dict = dataclasses.field(default_factory=dict)
-    eval_logs: dict = dataclasses.field(default_factory=dict)
+    eval_logs: dict = dataclasses.field(default_factory=dict)  # Tuning split's.
+    eval_step: int | None = None  # Of `eval_logs`, when evaluated in this start.
+    # The end's other figures: "eval" (the validation split) when a held-out
+    # split is the tuning one, "<split>_moving_bn" before precise BN.
+    final_logs: dict = dataclasses.field(default_factory=dict)
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
     # Throughput leaves out the first loop, which includes tracing.
@@ -61,20 +65,36 @@ class Progress:
         return self.images_trained / self.train_seconds if self.train_seconds else None
 
 
-def segment(progress: Progress, train_input_fn, eval_input_fn) -> dict:
+def evaluations(config: Config, progress: Progress, previous: dict) -> dict:
+    """summary.json's evaluation figures: "eval" (the validation split), and
+    with --holdout_fraction "holdout"; with --precise_bn_examples also
+    "<split>_moving_bn" (with the moving averages as trained). A start that
+    evaluated nothing keeps the previous ones."""
+    tuning = "holdout" if config.holdout_fraction else "eval"
+    latest = {tuning: progress.eval_logs, **progress.final_logs}
+    names = ["eval"] + (["holdout"] if config.holdout_fraction else [])
+    if config.precise_bn_examples:
+        names += [f"{name}_moving_bn" for name in names]
+    return {name: latest.get(name) or previous.get(name, {}) for name in names}
+
+
+def segment(
+    config: Config, progress: Progress, train_input_fn, *eval_input_fns
+) -> dict:
     """This start of the run, as summary.json's `segments` list it."""
+    skipped = {"train": train_input_fn.skipped_records()}
+    names = train_input_fn.skipped_record_names()
+    for split, input_fn in zip(("validation", "holdout"), eval_input_fns):
+        skipped[split] = input_fn.skipped_records()
+        names += input_fn.skipped_record_names()
     return {
         "start_step": progress.start_step,
         "end_step": progress.step,
         "train": progress.train_logs,
-        "eval": progress.eval_logs,
+        **evaluations(config, progress, {}),
         "nonfinite_steps": progress.nonfinite_steps,
-        "skipped_records": {
-            "train": train_input_fn.skipped_records(),
-            "validation": eval_input_fn.skipped_records(),
-        },
-        "skipped_record_names": train_input_fn.skipped_record_names()
-        + eval_input_fn.skipped_record_names(),
+        "skipped_records": skipped,
+        "skipped_record_names": names,
         "wall_time_sec": time.time() - progress.wall_start,
         "train_time_sec": progress.train_seconds,
         "images_per_sec": progress.images_per_sec(),
@@ -106,11 +126,12 @@ def summary(
         "resumed_from_step": progress.start_step,
         # The latest figures; a segment that trained no step keeps the last.
         "train": progress.train_logs or previous.get("train", {}),
-        "eval": progress.eval_logs or previous.get("eval", {}),
+        **evaluations(config, progress, previous),
         "nonfinite_steps": sum(s["nonfinite_steps"] for s in segments),
         "skipped_records": {
             split: sum(s.get("skipped_records", {}).get(split, 0) for s in segments)
-            for split in ("train", "validation")
+            for split in ("train", "validation", "holdout")
+            if split != "holdout" or config.holdout_fraction
         },
         "wall_time_sec": this_segment["wall_time_sec"],
         "train_time_sec": progress.train_seconds,

@@ -47,7 +47,7 @@ from train import config as config_lib
 from train import strategy as strategy_lib
 from train import summary as summary_lib
 from train.config import Config
-from train.steps import StepFunctions, make_step_functions
+from train.steps import StepFunctions, make_step_functions, recompute_bn_statistics
 
 SUMMARY_FILE = summary_lib.SUMMARY_FILE
 MODEL_FILE = summary_lib.MODEL_FILE
@@ -108,9 +108,9 @@ class _Run:
     step_counter: tf.Variable
     manager: tf.train.CheckpointManager
     write_dir: str
-    input_fns: tuple  # Train, validation: `data.InputFn`s.
+    input_fns: tuple  # Train, validation(, holdout): `data.InputFn`s.
     train_iterator: tf.distribute.DistributedIterator
-    eval_dataset: tf.distribute.DistributedDataset
+    eval_datasets: dict  # "eval" (the validation split), "holdout": datasets.
     steps: StepFunctions
     writers: dict
     callback_list: keras.callbacks.CallbackList
@@ -147,7 +147,7 @@ def _set_up(
         wall_start=wall_start,
     )
     _log_start(config, strategy, latest, progress.start_step, log)
-    train_iterator, eval_dataset = _distribute(
+    train_iterator, eval_datasets = _distribute(
         config, strategy, input_fns, progress.start_step
     )
     steps = make_step_functions(config, strategy, model, optimizer)
@@ -172,7 +172,7 @@ def _set_up(
         write_dir=write_dir,
         input_fns=input_fns,
         train_iterator=train_iterator,
-        eval_dataset=eval_dataset,
+        eval_datasets=eval_datasets,
         steps=steps,
         writers=writers,
         callback_list=callback_list,
@@ -228,13 +228,23 @@ def _make_input_fns(config: Config) -> tuple:
         deterministic=config.deterministic,
         max_skipped_records=config.max_skipped_records,
     )
+    holdout = data.Holdout(config.holdout_fraction, config.holdout_seed)
     train_input_fn = data.make_input_fn(
         split="train",
         augmentation=config.augmentation,
         data_service=config.data_service,
+        holdout=holdout,
         **input_settings,
     )
-    return train_input_fn, data.make_input_fn(split="validation", **input_settings)
+    input_fns = (
+        train_input_fn,
+        data.make_input_fn(split="validation", **input_settings),
+    )
+    if config.holdout_fraction:
+        input_fns += (
+            data.make_input_fn(split="holdout", holdout=holdout, **input_settings),
+        )
+    return input_fns
 
 
 def _build(config: Config, strategy: tf.distribute.Strategy) -> tuple:
@@ -265,6 +275,15 @@ def _log_start(config, strategy, latest: str | None, start_step: int, log) -> No
         f"{config.train_steps} steps, {config.steps_per_epoch} per epoch"
         + (f"; resumed at step {start_step} from {latest}" if latest else "")
     )
+    if config.holdout_fraction:
+        total = config.data.train_examples
+        held_out = data.Holdout(config.holdout_fraction).size(total)
+        log(
+            f"Held out {held_out} of the {total} training examples "
+            f"(--holdout_fraction={config.holdout_fraction}, --holdout_seed="
+            f"{config.holdout_seed}): evaluated during training; the "
+            "validation split is evaluated at the end."
+        )
     if config.data_service:
         log(
             f"Training batches from the tf.data service at {config.data_service}; "
@@ -280,8 +299,8 @@ def _log_start(config, strategy, latest: str | None, start_step: int, log) -> No
 
 def _distribute(config, strategy, input_fns, start_step: int) -> tuple:
     """The training iterator, resuming where the restored step left the data,
-    and the distributed validation dataset."""
-    train_input_fn, eval_input_fn = input_fns
+    and the distributed evaluation datasets ("eval", and "holdout")."""
+    train_input_fn, *eval_input_fns = input_fns
     # Each input pipeline feeds its local replicas one batch each per step.
     # The service's order is not fixed, so there is no position to resume from.
     resume_step = 0 if config.data_service else start_step
@@ -291,7 +310,11 @@ def _distribute(config, strategy, input_fns, start_step: int) -> tuple:
         return train_input_fn(context, skip_batches=resume_step * per_step)
 
     train_iterator = iter(strategy.distribute_datasets_from_function(train_dataset_fn))
-    return train_iterator, strategy.distribute_datasets_from_function(eval_input_fn)
+    eval_datasets = {
+        name: strategy.distribute_datasets_from_function(input_fn)
+        for name, input_fn in zip(("eval", "holdout"), eval_input_fns)
+    }
+    return train_iterator, eval_datasets
 
 
 def _summary_writers(model_dir: str, chief: bool) -> dict:
@@ -300,7 +323,7 @@ def _summary_writers(model_dir: str, chief: bool) -> dict:
         name: tf.summary.create_file_writer(os.path.join(model_dir, name))
         if chief
         else tf.summary.create_noop_writer()
-        for name in ("train", "eval")
+        for name in ("train", "eval", "holdout")
     }
 
 
@@ -407,7 +430,8 @@ def _after_loop(parts: _Run, progress: summary_lib.Progress) -> None:
         and config.eval_every_steps
         and step % config.eval_every_steps == 0
     ):
-        progress.eval_logs = _evaluate(parts, step)
+        progress.eval_logs = _evaluate(parts, step, _tuning_split(config))
+        progress.eval_step = step
     if step % config.checkpoint_every_steps == 0 or step == config.train_steps:
         _save(parts, progress)
     if step % config.steps_per_epoch == 0:
@@ -431,7 +455,7 @@ def _stop(parts: _Run, progress: summary_lib.Progress, signum: signal.Signals):
         parts.config,
         parts.strategy.num_replicas_in_sync,
         progress,
-        summary_lib.segment(progress, *parts.input_fns),
+        summary_lib.segment(parts.config, progress, *parts.input_fns),
         parts.previous,
     )
     summary_lib.record_stop(parts.config, contents, signum.name, parts.chief)
@@ -439,18 +463,58 @@ def _stop(parts: _Run, progress: summary_lib.Progress, signum: signal.Signals):
     sys.exit(128 + signum)
 
 
+def _tuning_split(config: Config) -> str:
+    """The split evaluated during training: "holdout" with a held-out part of
+    the training set, else "eval" (the validation split)."""
+    return "holdout" if config.holdout_fraction else "eval"
+
+
+def _final_evaluations(parts: _Run, progress: summary_lib.Progress) -> None:
+    """Precise BN statistics if asked, and the evaluation of every split at
+    the end (before the recomputation too: `<split>_moving_bn`)."""
+    config, step = parts.config, progress.step
+    tuning = _tuning_split(config)
+    at_end = progress.eval_step == step
+    splits = [] if config.skip_eval else list(parts.eval_datasets)
+    if config.precise_bn_examples:
+        for split in splits:
+            logs = progress.eval_logs if split == tuning and at_end else None
+            progress.final_logs[f"{split}_moving_bn"] = logs or _evaluate(
+                parts, step, split
+            )
+        batches = -(-config.precise_bn_examples // config.global_batch_size)
+        _reading_data(
+            recompute_bn_statistics,
+            config,
+            parts.strategy,
+            parts.model,
+            parts.train_iterator,
+            batches,
+        )
+        parts.log(
+            f"BatchNormalization statistics recomputed over {batches} batches "
+            f"({batches * config.global_batch_size} training images)."
+        )
+        at_end = False
+    for split in splits:
+        if split == tuning and at_end:
+            continue
+        logs = _evaluate(parts, step, split)
+        if split == tuning:
+            progress.eval_logs = logs
+        else:
+            progress.final_logs[split] = logs
+
+
 def _finish(parts: _Run, progress: summary_lib.Progress) -> dict:
-    """The final evaluation, callbacks' end, summary.json and model.keras."""
+    """The final evaluations, callbacks' end, summary.json and model.keras."""
     config, log = parts.config, parts.log
-    if not config.skip_eval and (
-        not progress.eval_logs or config.train_steps % config.eval_every_steps
-    ):
-        progress.eval_logs = _evaluate(parts, progress.step)
+    _final_evaluations(parts, progress)
     parts.callback_list.on_train_end(dict(progress.train_logs, **progress.eval_logs))
     if parts.monitor and parts.monitor.history:
         log(f"Trust ratios at step {parts.monitor.history[-1][0]}:")
         log(parts.monitor.format_table())
-    segment = summary_lib.segment(progress, *parts.input_fns)
+    segment = summary_lib.segment(config, progress, *parts.input_fns)
     summary = summary_lib.summary(
         config, parts.strategy.num_replicas_in_sync, progress, segment, parts.previous
     )
@@ -508,17 +572,18 @@ def _reading_data(function, *args):
         raise user_error from None
 
 
-def _evaluate(parts: _Run, step: int) -> dict:
-    """One pass over the validation split: loss, top-1 and top-5 accuracy."""
-    sums = _reading_data(parts.steps.evaluate, parts.eval_dataset)
+def _evaluate(parts: _Run, step: int, split: str) -> dict:
+    """One pass over `split` ("eval": the validation split; "holdout"): loss,
+    top-1 and top-5 accuracy, and the number of examples."""
+    sums = _reading_data(parts.steps.evaluate, parts.eval_datasets[split])
     loss_sum, top1, top5, count = (float(x) for x in sums)
     results = {"loss": loss_sum / count, "top1": top1 / count, "top5": top5 / count}
     results["examples"] = count
-    with parts.writers["eval"].as_default(step=step):
+    with parts.writers[split].as_default(step=step):
         for name in ("loss", "top1", "top5"):
             tf.summary.scalar(name, results[name])
     parts.log(
-        f"eval  step {step:6d}  loss {results['loss']:.4f}  top-1 "
+        f"{split:<5} step {step:6d}  loss {results['loss']:.4f}  top-1 "
         f"{results['top1']:.4f}  top-5 {results['top5']:.4f}  ({count:.0f} images)"
     )
     return results
