@@ -300,3 +300,30 @@ def test_holdout_run_tunes_on_the_holdout_and_reports_both(
     for changed in (dict(holdout_fraction=0.125), dict(precise_bn_examples=16)):
         with pytest.raises(config.UserError, match="--model_dir=.* other settings"):
             trainer.run(config.make_config(**{**settings, **changed}))
+
+
+def test_a_resumed_holdout_run_ends_as_an_uninterrupted_one(
+    tmp_path, mnist_dir, tiny_model
+):
+    """--lr_schedule=step lets a resume extend a run: 3 steps, then on to 6,
+    against 6 in one go (the held-out filter runs before the resume's skip)."""
+    data_dir, _ = mnist_dir
+    settings = dict(
+        global_batch_size=8,
+        holdout_fraction=0.25,
+        lr_schedule="step",
+        skip_eval=True,
+        checkpoint_every_steps=3,
+    )
+    whole = _settings(data_dir, tmp_path / "whole", train_steps=6, **settings)
+    trainer.run(config.make_config(**whole))
+    for steps in (3, 6):
+        resumed = _settings(data_dir, tmp_path / "resumed", train_steps=steps)
+        summary = trainer.run(config.make_config(**{**resumed, **settings}))
+    assert summary["resumed_from_step"] == 3
+    weights = [
+        keras.saving.load_model(str(tmp_path / run / trainer.MODEL_FILE)).get_weights()
+        for run in ("whole", "resumed")
+    ]
+    for whole_weight, resumed_weight in zip(*weights, strict=True):
+        np.testing.assert_array_equal(whole_weight, resumed_weight)
