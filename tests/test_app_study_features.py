@@ -275,7 +275,7 @@ def test_holdout_splits_tfrecords_by_position_in_the_sorted_files(tmp_path):
 
 
 def test_holdout_run_tunes_on_the_holdout_and_reports_both(
-    tmp_path, mnist_dir, tiny_model
+    tmp_path, mnist_dir, tiny_model, capsys
 ):
     data_dir, _ = mnist_dir
     settings = _settings(
@@ -296,6 +296,9 @@ def test_holdout_run_tunes_on_the_holdout_and_reports_both(
     assert summary["holdout"]["loss"] != summary["eval"]["loss"]
     assert set(summary["skipped_records"]) == {"train", "validation", "holdout"}
     assert os.listdir(tmp_path / "run" / "holdout")  # Its TensorBoard scalars.
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("Held out 8 of the 32 training ") for line in lines)
+    assert "0 (validation), 0 (holdout). Results in" in lines[-1]
     # Both are settings of what the run computes: a resume may not change them.
     for changed in (dict(holdout_fraction=0.125), dict(precise_bn_examples=16)):
         with pytest.raises(config.UserError, match="--model_dir=.* other settings"):

@@ -531,7 +531,9 @@ def _finish(parts: _Run, progress: summary_lib.Progress) -> dict:
             f"Done in {segment['wall_time_sec']:.0f} s; skipped: "
             f"{progress.nonfinite_steps} non-finite step(s), undecodable records "
             f"{skipped['train']} (train{train_where}), {skipped['validation']} "
-            f"(validation). Results in {config.model_dir}: "
+            f"(validation)"
+            + (f", {skipped['holdout']} (holdout)" if "holdout" in skipped else "")
+            + f". Results in {config.model_dir}: "
             f"{SUMMARY_FILE}, {MODEL_FILE}, checkpoints; "
             f"`tensorboard --logdir {config.model_dir}`."
         )
