@@ -327,13 +327,76 @@ def train_one(config: RunConfig, data_dir: str | None) -> dict:
     """Trains one configuration and returns its summary (see the module doc)."""
     import keras
 
-    import lars_tf
-    from train import data, models, sources
+    from train import sources
 
     settings = PART_SETTINGS[config.part]
     keras.backend.clear_session()
     keras.utils.set_random_seed(config.seed)
     info = sources.describe(settings.source, data_dir, settings.tfds_name)
+    train_data, eval_data, test_data, steps_per_epoch = _run_data(
+        config, settings, info, data_dir
+    )
+    model = _compiled_model(
+        config, settings, info, config.epochs * steps_per_epoch, steps_per_epoch
+    )
+    start = time.perf_counter()
+    history = model.fit(
+        train_data,
+        epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=eval_data,
+        callbacks=[keras.callbacks.TerminateOnNaN()],
+        verbose=2,
+    ).history
+    wall_time = time.perf_counter() - start
+    test_top1 = [float(x) for x in history.get("val_top1", [])]
+    train_loss = [float(x) for x in history.get("loss", [])]
+    loss_not_finite = any(not math.isfinite(x) for x in train_loss)
+
+    def top1(dataset) -> float:
+        return float(model.evaluate(dataset, verbose=0, return_dict=True)["top1"])
+
+    if loss_not_finite or len(test_top1) < config.epochs:
+        # TerminateOnNaN stopped the run inside an epoch: test the final weights.
+        final_top1 = top1(eval_data)
+    else:
+        final_top1 = test_top1[-1]
+    moving_bn_top1 = None
+    if config.precise_bn and not loss_not_finite:
+        moving_bn_top1 = final_top1
+        batches = -(-PRECISE_BN_EXAMPLES // config.batch_size)
+        recompute_bn_statistics(model, train_data, batches)
+        final_top1 = top1(eval_data)
+    chance = 1.0 / info.num_classes
+    summary = {
+        "run_id": config.run_id,
+        "config": dataclasses.asdict(config),
+        "peak_lr": config.peak_lr,
+        "steps_per_epoch": steps_per_epoch,
+        "train_steps": config.epochs * steps_per_epoch,
+        "test_top1_per_epoch": test_top1,
+        "train_loss_per_epoch": train_loss,
+        "final_top1": final_top1,
+        "final_top1_moving_bn": moving_bn_top1,  # With --precise_bn only.
+        "best_top1": max(test_top1 + [final_top1]),
+        "diverged": loss_not_finite or final_top1 <= DIVERGED_CHANCE_MULTIPLE * chance,
+        "loss_not_finite": loss_not_finite,
+        "wall_time_s": wall_time,
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if test_data is not None:
+        # What was tested per epoch is the held-out split: name it so, and
+        # test on the test set once, with the final (BN-recomputed) weights.
+        for old, new in VALIDATION_KEYS.items():
+            summary[new] = summary.pop(old)
+        summary["final_test_top1"] = top1(test_data)
+    return summary
+
+
+def _run_data(config: RunConfig, settings: PartSettings, info, data_dir: str | None):
+    """The run's (train, eval, test or None) datasets and its steps per epoch."""
+    from train import data
+
     split = held_out_split(config.part, data_dir) if config.validation else None
     num_train = len(split.train_labels) if split else info.train_examples
     train_examples = config.train_examples or num_train
@@ -373,6 +436,21 @@ def train_one(config: RunConfig, data_dir: str | None) -> dict:
         eval_data = eval_data.take(config.eval_examples // eval_batch)
         if test_data is not None:
             test_data = test_data.take(config.eval_examples // eval_batch)
+    return train_data, eval_data, test_data, steps_per_epoch
+
+
+def _compiled_model(
+    config: RunConfig,
+    settings: PartSettings,
+    info,
+    train_steps: int,
+    steps_per_epoch: int,
+):
+    """The run's model, compiled with the app's schedule and optimizer: the
+    paper's poly-2 decay after a linear warm-up; no weight decay."""
+    import keras
+
+    from train import models, optimizers
 
     model = models.build_model(
         config.model, info.num_classes, settings.image_size, info.channels
@@ -383,87 +461,29 @@ def train_one(config: RunConfig, data_dir: str | None) -> dict:
             f"{config.model} has {params} trainable parameters, the study was set "
             f"up for {config.model_params}: train/models.py changed; restart"
         )
-    train_steps = config.epochs * steps_per_epoch
-    schedule = lars_tf.WarmupPolynomialDecay(
+    schedule = optimizers.make_schedule(
+        "poly",
         config.peak_lr,
-        decay_steps=train_steps,
-        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        train_steps,
+        round(config.warmup_epochs * steps_per_epoch),
         power=2.0,
     )
-    if config.optimizer == "lars":
-        optimizer = lars_tf.LARS(
-            schedule,
-            momentum=config.momentum,
-            trust_coefficient=config.trust_coefficient,
-        )
-    elif config.optimizer == "lamb":  # Adam-family; momentum is its beta_1.
-        optimizer = keras.optimizers.Lamb(schedule, beta_1=config.momentum)
-    else:
-        optimizer = keras.optimizers.SGD(
-            schedule,
-            momentum=config.momentum,
-            nesterov=config.optimizer == "nesterov",
-        )
+    optimizer = optimizers.make_optimizer(
+        "sgd" if config.optimizer == "nesterov" else config.optimizer,
+        schedule,
+        model.trainable_variables,
+        momentum=config.momentum,  # Lamb's beta_1.
+        trust_coefficient=config.trust_coefficient,
+        # Keras Lamb's default, which the recorded Lamb runs used.
+        epsilon=1e-7 if config.optimizer == "lamb" else 0.0,
+        nesterov=config.optimizer == "nesterov",
+    )
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1")],
     )
-
-    start = time.perf_counter()
-    history = model.fit(
-        train_data,
-        epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=eval_data,
-        callbacks=[keras.callbacks.TerminateOnNaN()],
-        verbose=2,
-    ).history
-    wall_time = time.perf_counter() - start
-    test_top1 = [float(x) for x in history.get("val_top1", [])]
-    train_loss = [float(x) for x in history.get("loss", [])]
-    loss_not_finite = any(not math.isfinite(x) for x in train_loss)
-    if loss_not_finite or len(test_top1) < config.epochs:
-        # TerminateOnNaN stopped the run inside an epoch: test the final weights.
-        final_top1 = float(
-            model.evaluate(eval_data, verbose=0, return_dict=True)["top1"]
-        )
-    else:
-        final_top1 = test_top1[-1]
-    moving_bn_top1 = None
-    if config.precise_bn and not loss_not_finite:
-        moving_bn_top1 = final_top1
-        batches = -(-PRECISE_BN_EXAMPLES // config.batch_size)
-        recompute_bn_statistics(model, train_data, batches)
-        final_top1 = float(
-            model.evaluate(eval_data, verbose=0, return_dict=True)["top1"]
-        )
-    chance = 1.0 / info.num_classes
-    summary = {
-        "run_id": config.run_id,
-        "config": dataclasses.asdict(config),
-        "peak_lr": config.peak_lr,
-        "steps_per_epoch": steps_per_epoch,
-        "train_steps": train_steps,
-        "test_top1_per_epoch": test_top1,
-        "train_loss_per_epoch": train_loss,
-        "final_top1": final_top1,
-        "final_top1_moving_bn": moving_bn_top1,  # With --precise_bn only.
-        "best_top1": max(test_top1 + [final_top1]),
-        "diverged": loss_not_finite or final_top1 <= DIVERGED_CHANCE_MULTIPLE * chance,
-        "loss_not_finite": loss_not_finite,
-        "wall_time_s": wall_time,
-        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if test_data is not None:
-        # What was tested per epoch is the held-out split: name it so, and
-        # test on the test set once, with the final (BN-recomputed) weights.
-        for old, new in VALIDATION_KEYS.items():
-            summary[new] = summary.pop(old)
-        summary["final_test_top1"] = float(
-            model.evaluate(test_data, verbose=0, return_dict=True)["top1"]
-        )
-    return summary
+    return model
 
 
 def recompute_bn_statistics(model, train_data, batches: int) -> None:
