@@ -1,5 +1,6 @@
 """The run's place among devices and workers: the strategy, whether this
-process is the chief, and the stop signals all workers agree on.
+process is the chief, the stop signals all workers agree on, and the one line
+a lost worker ends the run with.
 
 SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to stop at the next loop
 boundary, after a checkpoint, with exit status 128 + the signal (143, 130); a
@@ -9,13 +10,16 @@ watches SIGTERM only and, outside Google's own TPU hosts, does not support
 TPUStrategy (on a Cloud TPU or CPU VM it only warns).
 """
 
+import contextlib
 import os
+import re
 import signal
 import sys
 import threading
 
 import tensorflow as tf
 
+from train import RunError
 from train.config import Config
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -142,3 +146,47 @@ def stop_signal(strategy: tf.distribute.Strategy, received: int | None) -> int |
     per_replica = strategy.run(lambda: tf.identity(flags))
     got_int, got_term = strategy.reduce("SUM", per_replica, axis=None).numpy() > 0
     return signal.SIGTERM if got_term else (signal.SIGINT if got_int else None)
+
+
+# How a collective fails when a worker is lost: its connection reset (the
+# worker was killed) or the coordination service's report that it stopped
+# sending heartbeats (it hangs, or its host is gone), within seconds either way.
+_LOST_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)
+
+
+@contextlib.contextmanager
+def lost_peer_reported(strategy: tf.distribute.Strategy, model_dir: str):
+    """While entered, under MultiWorkerMirroredStrategy, a collective that fails
+    because a worker is lost raises `train.RunError` in one line: the worker,
+    and the checkpoint all workers resume from once restarted."""
+    try:
+        yield
+    except _LOST_PEER_ERRORS as error:
+        if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            raise
+        raise RunError(_lost_peer_line(strategy, error, model_dir)) from None
+
+
+def _lost_peer_line(
+    strategy: tf.distribute.Strategy, error: tf.errors.OpError, model_dir: str
+) -> str:
+    resolver = strategy.cluster_resolver
+    cluster = resolver.cluster_spec().as_dict()
+    tasks = re.findall(r"/job:(\w+)(?:/replica:\d+)?/task:(\d+)", error.message)
+    peers = [
+        (job, int(index))
+        for job, index in tasks
+        if (job, int(index)) != (resolver.task_type, resolver.task_id)
+        and int(index) < len(cluster.get(job, []))
+    ]
+    who = "a peer worker"
+    if peers:
+        job, index = peers[0]
+        who = f"{job} {index} ({cluster[job][index]})"
+    reason = type(error).__name__
+    for cause in ("stopped sending heartbeats", "Connection reset by peer"):
+        if cause in error.message:
+            reason = cause
+    latest = tf.train.latest_checkpoint(model_dir)
+    resume = f"resume from {latest}" if latest else "start over (no checkpoint yet)"
+    return f"{who} unreachable ({reason}); restart all workers to {resume}"

@@ -75,7 +75,8 @@ def run(
 
     Raises:
       train.UserError: the folder holds another run, or the data is unreadable.
-      train.RunError: `--max_nonfinite_steps` non-finite steps in a row.
+      train.RunError: `--max_nonfinite_steps` non-finite steps in a row; under
+        multi_worker, a worker lost (killed, hung, unreachable).
     """
     wall_start = time.time()
     try:
@@ -89,8 +90,9 @@ def run(
                 )
                 return previous
             parts, progress = _set_up(config, callbacks, record, previous, wall_start)
-            _train(parts, progress, stop)
-            return _finish(parts, progress)
+            with strategy_lib.lost_peer_reported(parts.strategy, config.model_dir):
+                _train(parts, progress, stop)
+                return _finish(parts, progress)
     finally:
         model_folder.release()  # However the run ends.
 

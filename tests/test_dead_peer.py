@@ -1,0 +1,116 @@
+"""A `multi_worker` peer killed mid-run: the survivor ends with one line.
+
+Two local workers train on synthetic data; once the chief has logged step 40
+(so ckpt-20 at least is written), worker 1 is killed with SIGKILL. The survivor
+must exit with status 3 and one line naming the lost worker and the checkpoint
+to resume from, without a traceback (after TensorFlow's own log, which
+TF_CPP_MIN_LOG_LEVEL=3 silences); both workers restarted then resume from
+that checkpoint and train to the end.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = [
+    "--source=synthetic",
+    "--num_classes=10",
+    "--image_size=16",
+    "--model=small_alexnet_bn",
+    "--global_batch_size=32",
+    "--warmup_epochs=0",
+    "--train_steps=200",  # Far more than the first run gets to.
+    "--steps_per_loop=10",
+    "--log_every_steps=20",
+    "--checkpoint_every_steps=20",
+    "--skip_eval",
+]
+TIMEOUT = 300  # Seconds; a hung collective must not hang the suite.
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _start_workers(model_dir, workers: list[str]) -> list[subprocess.Popen]:
+    processes = []
+    for index in range(len(workers)):
+        tf_config = {
+            "cluster": {"worker": workers},
+            "task": {"type": "worker", "index": index},
+        }
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+        env["TF_CONFIG"] = json.dumps(tf_config)
+        command = [sys.executable, "-m", "train.main", *ARGS]
+        processes.append(
+            subprocess.Popen(
+                [*command, "--strategy=multi_worker", f"--model_dir={model_dir}"],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    return processes
+
+
+def _read_until(process: subprocess.Popen, pattern: str) -> list[str]:
+    """The lines of `process`'s stdout up to the first matching `pattern`."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
+    raise AssertionError(f"no line matching {pattern!r}:\n{''.join(lines)[-3000:]}")
+
+
+def test_a_killed_peer_ends_the_survivor_in_one_line_and_all_resume(tmp_path):
+    model_dir = tmp_path / "run"
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    chief, peer = _start_workers(model_dir, workers)
+    try:
+        _read_until(chief, r"train step +40/")
+        peer.send_signal(signal.SIGKILL)
+        peer.wait(timeout=TIMEOUT)
+        _, stderr = chief.communicate(timeout=TIMEOUT)
+    finally:
+        for process in (chief, peer):
+            process.kill()
+    assert chief.returncode == 3, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    # Ours is the last line; TensorFlow's C++ log (TF_CPP_MIN_LOG_LEVEL) may
+    # come before it.
+    errors = [line for line in stderr.splitlines() if line.startswith("train.main")]
+    assert len(errors) == 1 and stderr.splitlines()[-1] == errors[0], stderr[-3000:]
+    found = re.fullmatch(
+        rf"train\.main: error: worker 1 \({workers[1]}\) unreachable \(.+\); "
+        r"restart all workers to resume from (\S+/ckpt-(\d+))",
+        errors[0],
+    )
+    assert found, errors[0]
+    checkpoint, step = found.group(1), int(found.group(2))
+    assert step >= 20 and os.path.exists(checkpoint + ".index")
+
+    restarted = _start_workers(model_dir, workers)
+    try:
+        outputs = [process.communicate(timeout=TIMEOUT) for process in restarted]
+    finally:
+        for process in restarted:
+            process.kill()
+    for process, (_, stderr) in zip(restarted, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    assert f"resumed at step {step} from {checkpoint}" in outputs[0][0]
+    with open(model_dir / "summary.json", encoding="utf-8") as file:
+        assert json.load(file)["steps"] == 200
