@@ -45,7 +45,13 @@ def make_strategy(config: Config) -> tf.distribute.Strategy:
             devices = [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
     if config.strategy == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        # Its coordination service installs a SIGTERM handler of its own (for
+        # PreemptionCheckpointHandler, unused here) that swallows the signal:
+        # SIGTERM goes back to the handler Python had (`StopSignals`').
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+        return strategy
     if config.strategy == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu)
         tf.config.experimental_connect_to_cluster(resolver)
