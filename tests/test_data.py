@@ -632,6 +632,23 @@ def test_a_file_gone_during_training_stops_the_pipeline_naming_it(tmp_path):
     ]
 
 
+def test_check_files_names_a_file_gone_since_the_pipeline_read_it(tmp_path):
+    paths = [tmp_path / f"train-0000{k}-of-00002" for k in range(2)]
+    for k, path in enumerate(paths):
+        _write(str(path), _good_records(4, k + 1))
+    input_fn = _input_fn(str(tmp_path), split="train", num_classes=2)
+    input_fn()
+    input_fn.check_files()  # All there.
+    os.remove(paths[0])
+    with pytest.raises(UserError) as error:
+        input_fn.check_files()
+    assert str(error.value) == (
+        f"a data file is gone: {paths[0]} (it held 4 records when the run "
+        "started; put it back and resume, or train on the files left in a new "
+        "--model_dir)"
+    )
+
+
 def test_a_resume_without_a_training_file_is_refused(tmp_path):
     from train import config as config_lib
 

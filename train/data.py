@@ -76,6 +76,13 @@ _DATA_ERROR = "[input data] "
 _NAMES_KEPT = 8
 # Record keys are file number * _FILE_KEY + record number in the file.
 _FILE_KEY = 1 << 40
+# "a data file is gone: PATH (it held N records when ...": the message of the
+# pipeline's check and of `InputFn.check_files`.
+_GONE = (
+    "a data file is gone:",
+    "records when the run started; put it back and resume, or train on the "
+    "files left in a new --model_dir)",
+)
 
 
 def user_error(error: tf.errors.OpError) -> UserError | None:
@@ -327,6 +334,16 @@ class InputFn:
             return []
         names, _ = self._skipped.export()
         return sorted(name.decode() for name in names.numpy())
+
+    def check_files(self) -> None:
+        """Raises `train.UserError` naming the first local file this function's
+        pipelines read that is gone since, between the training loops: a file
+        deleted while open reads on to its end, so the pipeline itself sees it
+        only when it opens it again, in the next epoch. (Remote files are left
+        to the pipeline: a look costs a round trip each.)"""
+        for path, count in self._record_counts.items():
+            if "://" not in path and not os.path.exists(path):
+                raise UserError(f"{_GONE[0]} {path} (it held {count} {_GONE[1]}")
 
     def __call__(
         self,
@@ -837,12 +854,11 @@ class InputFn:
                 (
                     ~gone,
                     [
-                        _DATA_ERROR + "a data file is gone:",
+                        _DATA_ERROR + _GONE[0],
                         path,
                         "(it held",
                         meta["expected"],
-                        "records when the run started; put it back and resume, or "
-                        "train on the files left in a new --model_dir)",
+                        _GONE[1],
                     ],
                 ),
             ]

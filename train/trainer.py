@@ -365,6 +365,8 @@ def _train(
         parts.callback_list.on_train_batch_begin(progress.step)
         _train_loop(parts, progress, end - progress.step)
         _after_loop(parts, progress)
+        for input_fn in parts.input_fns:  # A file deleted while open reads on.
+            input_fn.check_files()
         signum = strategy_lib.stop_signal(parts.strategy, stop.received)
         if signum:
             _stop(parts, progress, signal.Signals(signum))
