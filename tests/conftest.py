@@ -112,3 +112,15 @@ def tfds_metadata_dir(tmp_path):
     os.makedirs(builder.data_dir)
     builder.info.write_to_directory(builder.data_dir)
     return str(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _op_determinism_off_after_each_test():
+    """A run with `deterministic=True` turns TensorFlow's op determinism on for
+    the whole process, and TensorFlow has no public call to turn it off; left
+    on, a later test's XLA step fails (no deterministic XLA MaxPool gradient)."""
+    yield
+    if "tensorflow" in sys.modules:
+        from tensorflow.python.framework import config
+
+        config.disable_op_determinism()
