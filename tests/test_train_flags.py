@@ -111,6 +111,7 @@ def test_bad_number_names_the_flag_and_its_range(overrides, flag, allowed):
         ({"data_service": "host"}, "data_service"),
         ({"data_service": "grpc://host:0"}, "data_service"),
         ({"data_service": "host:5050", "deterministic": True}, "data_service"),
+        ({"jit_compile": True, "deterministic": True}, "jit_compile"),
     ],
 )
 def test_bad_combination_is_named(overrides, flag, monkeypatch):

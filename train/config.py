@@ -446,6 +446,12 @@ _AGREEMENTS = (
         "workers deliver batches in no fixed order)",
     ),
     (
+        ("jit_compile", "deterministic"),
+        lambda f: not (f["jit_compile"] and f["deterministic"]),
+        "--jit_compile cannot be used with --deterministic (TensorFlow's XLA has "
+        "no deterministic gradient of max pooling)",
+    ),
+    (
         ("holdout_fraction", "source"),
         lambda f: not f["holdout_fraction"] or f["source"] != "tfds",
         "--holdout_fraction is not available with --source=tfds",
