@@ -469,7 +469,9 @@ class InputFn:
             cycle_length=min(len(files), 16),
             block_length=1,
             num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=self.settings.deterministic,
+            # Pipelines sharing files share their examples by position in one
+            # order; in orders of their own they would miss or repeat some.
+            deterministic=self.settings.deterministic or not by_files,
         )
         if not by_files:
             examples = _shard_examples(examples, input_context)
@@ -833,35 +835,7 @@ class InputFn:
                 )
             )
         if records.counted_files:
-            complete = ~meta["end"] | (meta["key"] % _FILE_KEY == meta["expected"])
-            path = records.file_names(meta["key"])
-            gone = tf.cond(
-                complete,
-                lambda: tf.constant(False),
-                lambda: tf.size(tf.io.matching_files(_glob_escaped(path))) == 0,
-            )
-            checks += [
-                (
-                    complete | gone,
-                    [
-                        _DATA_ERROR + "corrupted TFRecord file:",
-                        path,
-                        "(a record fails its checksum: not all of its",
-                        meta["expected"],
-                        "records could be read)",
-                    ],
-                ),
-                (
-                    ~gone,
-                    [
-                        _DATA_ERROR + _GONE[0],
-                        path,
-                        "(it held",
-                        meta["expected"],
-                        _GONE[1],
-                    ],
-                ),
-            ]
+            checks += _file_checks(meta, records)
         with tf.control_dependencies([said]):  # Named first, then stopped.
             return tf.group(
                 [tf.debugging.Assert(ok, message) for ok, message in checks]
@@ -984,6 +958,31 @@ def list_record_files(data_dir: str | None, split: str) -> list[str]:
 def _glob_escaped(path: tf.Tensor) -> tf.Tensor:
     """``path`` as a `tf.io.matching_files` pattern that matches only itself."""
     return tf.strings.regex_replace(path, r"([*?\[\\])", r"\\\1")
+
+
+def _file_checks(meta: dict, records: _Records) -> list:
+    """(ok, message) checks of an end marker: its file was read whole, or it
+    is gone since the run checked it, or a record failed its checksum."""
+    complete = ~meta["end"] | (meta["key"] % _FILE_KEY == meta["expected"])
+    path = records.file_names(meta["key"])
+    gone = tf.cond(
+        complete,
+        lambda: tf.constant(False),
+        lambda: tf.size(tf.io.matching_files(_glob_escaped(path))) == 0,
+    )
+    return [
+        (
+            complete | gone,
+            [
+                _DATA_ERROR + "corrupted TFRecord file:",
+                path,
+                "(a record fails its checksum: not all of its",
+                meta["expected"],
+                "records could be read)",
+            ],
+        ),
+        (~gone, [_DATA_ERROR + _GONE[0], path, "(it held", meta["expected"], _GONE[1]]),
+    ]
 
 
 def _pipeline(input_context: tf.distribute.InputContext | None) -> tuple[int, int]:
