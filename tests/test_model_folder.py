@@ -7,6 +7,7 @@ Tiny in-process runs (synthetic data, 16x16 images, a few steps); a
 subprocess only where a lock between processes must be seen.
 """
 
+import errno
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import types
 
 import helpers
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -318,3 +320,33 @@ def test_a_failed_json_write_is_one_line(tmp_path):
     with pytest.raises(RunError) as error:
         config.write_json(str(path), {"steps": 1})
     assert str(error.value) == f"could not write {path}: No such file or directory"
+
+
+def test_a_failed_export_is_one_line_and_a_rerun_exports(tmp_path, monkeypatch):
+    """The disk fills while model.keras is written: one line naming the file,
+    no summary.json (the run is not finished), and a rerun with space exports
+    the model from the final checkpoint."""
+    model_dir = tmp_path / "run"
+    real_save = keras.Model.save
+
+    def full_disk_save(model, filepath, *args, **kwargs):
+        with open(filepath, "wb") as file:
+            file.write(b"PK")  # Half a zip file, as a full disk leaves it.
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(keras.Model, "save", full_disk_save)
+    c = _config(model_dir, train_steps=2, checkpoint_every_steps=2)
+    with pytest.raises(RunError) as error:
+        trainer.run(c)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"could not write {model_dir / trainer.MODEL_FILE}: No space left on device"
+    )
+    assert sorted(p.name for p in model_dir.glob("*.keras")) == []
+    assert not (model_dir / trainer.SUMMARY_FILE).exists()
+
+    monkeypatch.setattr(keras.Model, "save", real_save)
+    summary = trainer.run(c)
+    assert summary["steps"] == 2 and summary["resumed_from_step"] == 2
+    assert keras.saving.load_model(str(model_dir / trainer.MODEL_FILE)).built
