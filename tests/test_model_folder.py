@@ -187,6 +187,7 @@ def test_a_run_that_fails_on_its_data_leaves_no_run_record(tmp_path):
     with pytest.raises(UserError, match="label out of range"):
         trainer.run(_config(model_dir, num_classes=2, train_steps=2, **settings))
     assert not (model_dir / config.RUN_RECORD).exists()
+    assert not any((model_dir / name).exists() for name in ("train", "eval"))
     summary = trainer.run(_config(model_dir, num_classes=3, train_steps=2, **settings))
     assert summary["steps"] == 2
     assert config.read_run_record(str(model_dir))["config"]["num_classes"] == 3

@@ -114,11 +114,11 @@ class _Run:
     train_iterator: tf.distribute.DistributedIterator
     eval_datasets: dict  # "eval" (the validation split), "holdout": datasets.
     steps: StepFunctions
-    writers: dict
     callback_list: keras.callbacks.CallbackList
     monitor: lars_tf.TrustRatioMonitor | None
     record: dict | None
     previous: dict | None
+    writers: dict = dataclasses.field(default_factory=dict)  # By `_writer`.
 
 
 def _set_up(
@@ -153,7 +153,6 @@ def _set_up(
         config, strategy, input_fns, progress.start_step
     )
     steps = make_step_functions(config, strategy, model, optimizer)
-    writers = _summary_writers(config.model_dir, chief)
     monitor = None
     if config.trust_ratio_every_steps:
         monitor = _trust_ratio_monitor(
@@ -176,7 +175,6 @@ def _set_up(
         train_iterator=train_iterator,
         eval_datasets=eval_datasets,
         steps=steps,
-        writers=writers,
         callback_list=callback_list,
         monitor=monitor,
         record=record,
@@ -319,14 +317,17 @@ def _distribute(config, strategy, input_fns, start_step: int) -> tuple:
     return train_iterator, eval_datasets
 
 
-def _summary_writers(model_dir: str, chief: bool) -> dict:
-    """TensorBoard writers for the train and eval scalars (the chief's only)."""
-    return {
-        name: tf.summary.create_file_writer(os.path.join(model_dir, name))
-        if chief
-        else tf.summary.create_noop_writer()
-        for name in ("train", "eval", "holdout")
-    }
+def _writer(parts: "_Run", name: str) -> tf.summary.SummaryWriter:
+    """The TensorBoard writer of `name` ("train", "eval", "holdout"), made at
+    its first scalar (the chief's only), so a run that fails before its first
+    step leaves no event files in the folder."""
+    if name not in parts.writers:
+        parts.writers[name] = (
+            tf.summary.create_file_writer(os.path.join(parts.config.model_dir, name))
+            if parts.chief
+            else tf.summary.create_noop_writer()
+        )
+    return parts.writers[name]
 
 
 def next_stop(step: int, config: Config) -> int:
@@ -585,7 +586,7 @@ def _evaluate(parts: _Run, step: int, split: str) -> dict:
     loss_sum, top1, top5, count = (float(x) for x in sums)
     results = {"loss": loss_sum / count, "top1": top1 / count, "top5": top5 / count}
     results["examples"] = count
-    with parts.writers[split].as_default(step=step):
+    with _writer(parts, split).as_default(step=step):
         for name in ("loss", "top1", "top5"):
             tf.summary.scalar(name, results[name])
     parts.log(
@@ -600,7 +601,7 @@ def _log_train(parts: _Run, progress: summary_lib.Progress) -> None:
     first, which includes tracing, has been timed) and the training scalars
     for TensorBoard."""
     config, step, logs = parts.config, progress.step, progress.train_logs
-    with parts.writers["train"].as_default(step=step):
+    with _writer(parts, "train").as_default(step=step):
         for name, value in logs.items():
             tf.summary.scalar(name, value)
     seconds_left = progress.seconds_left(config)
