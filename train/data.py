@@ -150,6 +150,25 @@ class Settings:
     data_service: str | None = None
     holdout: Holdout = Holdout()
 
+    def __post_init__(self):
+        if self.split not in (*SPLITS, "holdout"):
+            raise ValueError(
+                f"split must be one of {SPLITS} or holdout, got {self.split!r}"
+            )
+        if self.split == "holdout" and not self.holdout.fraction:
+            raise ValueError("split holdout needs a holdout fraction > 0")
+        if self.augmentation not in preprocessing.AUGMENTATIONS:
+            raise ValueError(
+                f"augmentation must be one of {preprocessing.AUGMENTATIONS}, "
+                f"got {self.augmentation!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_skipped_records < 0:
+            raise ValueError(
+                f"max_skipped_records must be >= 0: {self.max_skipped_records}"
+            )
+
     @property
     def training(self) -> bool:
         return self.split == "train"
@@ -189,32 +208,29 @@ def make_input_fn(
         or the `sources.Source` a caller resolved already.
       split: "train" (shuffled, repeated, augmented, full batches only) or
         "validation" (one pass in file order, center crop, last batch partial).
-      data_dir: the folder of the source's files; default: the source's own.
+      data_dir, image_size, augmentation: the folder of the source's files,
+        output height and width, and "none", "minimal" or "extended"
+        (`train.preprocessing`); defaults: the source's.
       global_batch_size: the batch over all replicas.
-      image_size: output height and width; default: the source's.
-      augmentation: "none", "minimal" or "extended" (`train.preprocessing`);
-        default: the source's.
       dtype: image dtype: "float32", "bfloat16" or "float16" (normalized), or
         "uint8": the pixels, for `normalize` in the model's step.
       seed: shuffle and augmentation seed (offset by the pipeline id).
       tfds_name: the TFDS dataset name for source "tfds".
       label_offset: "imagenet": 1 (default) reads its 1-based labels as
         0..999; 0 keeps them (1001 classes).
-      num_classes: labels must lie in [0, num_classes) after the offset;
-        default: the source's.
+      num_classes: labels lie in [0, num_classes) after the offset (default:
+        the source's).
       cache: cache the records in memory (small datasets).
       deterministic: keep element order fixed through parallel stages, and
         batches independent of the number of input pipelines.
       crop_fraction: evaluation center-crop fraction; default 0.875 for JPEG
         sources, 1.0 (no crop) for decoded ones (MNIST).
-      shuffle_buffer_size: examples in the shuffle buffer.
-      max_skipped_records: how many distinct records whose image does not
-        decode may be skipped; one more stops the pipeline. 0: none.
+      shuffle_buffer_size: examples in the shuffle buffer. max_skipped_records:
+        distinct undecodable records that may be skipped (one more stops it).
       data_service: ``grpc://HOST:PORT`` of a tf.data service dispatcher
-        (`train.data_service`): training batches are made by its workers, each
-        pipeline a job of its own over its own files. Their skipped records
-        are counted on the workers, not by this `InputFn`. Evaluation ignores
-        it (the exact one pass stays in this process).
+        (`train.data_service`) whose workers make the training batches (a job
+        per pipeline over its files; they count their skipped records, this
+        `InputFn` does not); evaluation's one pass stays in this process.
       holdout: the training set's held-out part: split "train" leaves it out,
         split "holdout" is it (one pass, as "validation"). Not for "tfds".
     """
@@ -224,30 +240,13 @@ def make_input_fn(
         )
     if num_classes:
         source = dataclasses.replace(source, num_classes=num_classes)
-    holdout = holdout or Holdout()
-    if split not in (*SPLITS, "holdout"):
-        raise ValueError(f"split must be one of {SPLITS} or holdout, got {split!r}")
-    if holdout.fraction and source.name == "tfds":
-        raise ValueError("a holdout split needs the imagenet, IDX or synthetic source")
-    if split == "holdout" and not holdout.fraction:
-        raise ValueError("split holdout needs a holdout fraction > 0")
-    augmentation = augmentation or source.default_augmentation
-    if augmentation not in preprocessing.AUGMENTATIONS:
-        raise ValueError(
-            f"augmentation must be one of {preprocessing.AUGMENTATIONS}, "
-            f"got {augmentation!r}"
-        )
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if max_skipped_records < 0:
-        raise ValueError(f"max_skipped_records must be >= 0: {max_skipped_records}")
     return InputFn(
         source,
         Settings(
             split=split,
             global_batch_size=global_batch_size,
             image_size=image_size or source.image_size,
-            augmentation=augmentation,
+            augmentation=augmentation or source.default_augmentation,
             dtype=dtype,
             seed=seed,
             cache=cache,
@@ -256,7 +255,7 @@ def make_input_fn(
             shuffle_buffer_size=shuffle_buffer_size,
             max_skipped_records=max_skipped_records,
             data_service=data_service,
-            holdout=holdout,
+            holdout=holdout or Holdout(),
         ),
     )
 
@@ -316,6 +315,10 @@ class InputFn:
     """
 
     def __init__(self, source: sources.Source, settings: Settings):
+        if settings.holdout.fraction and source.name == "tfds":
+            raise ValueError(
+                "a holdout split needs the imagenet, IDX or synthetic source"
+            )
         self.source = source
         self.settings = settings
         self._record_counts: dict[str, int] = {}  # Files checked, by path.
