@@ -11,11 +11,13 @@ TPUStrategy (on a Cloud TPU or CPU VM it only warns).
 """
 
 import contextlib
+import functools
 import os
 import re
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -149,9 +151,21 @@ def stop_signal(strategy: tf.distribute.Strategy, received: int | None) -> int |
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return received
     flags = tf.constant([float(received == s) for s in STOP_SIGNALS])
-    per_replica = strategy.run(lambda: tf.identity(flags))
-    got_int, got_term = strategy.reduce("SUM", per_replica, axis=None).numpy() > 0
+    got_int, got_term = _summed_over_workers(strategy)(flags).numpy() > 0
     return signal.SIGTERM if got_term else (signal.SIGINT if got_int else None)
+
+
+@functools.cache
+def _summed_over_workers(strategy: tf.distribute.Strategy) -> Callable:
+    """A traced sum over the replicas of a value each worker gives (run
+    eagerly, the collective logs an overhead warning at every call)."""
+
+    @tf.function
+    def summed(value: tf.Tensor) -> tf.Tensor:
+        per_replica = strategy.run(tf.identity, args=(value,))
+        return strategy.reduce("SUM", per_replica, axis=None)
+
+    return summed
 
 
 # How a collective fails when a worker is lost: its connection reset (the
