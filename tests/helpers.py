@@ -8,7 +8,9 @@ backend_check.py imports this module on JAX and PyTorch with TensorFlow made
 unimportable; the TFRecord helpers import TensorFlow when called.
 """
 
+import gzip
 import re
+import socket
 
 import keras
 import numpy as np
@@ -229,3 +231,25 @@ def write_records(path: str, records: list[bytes]) -> None:
     with tf.io.TFRecordWriter(path) as writer:
         for record in records:
             writer.write(record)
+
+
+def local_worker_addresses(count: int) -> list[str]:
+    """`count` free "127.0.0.1:PORT" addresses for a cluster of local workers
+    (ports held open together, so they differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    addresses = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    for s in sockets:
+        s.close()
+    return addresses
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """`array` as a gzipped IDX file of unsigned bytes (MNIST's format: magic
+    0, 0, 0x08, rank; the sizes big-endian; the data)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    with gzip.open(path, "wb") as file:
+        file.write(header + array.astype(np.uint8).tobytes())

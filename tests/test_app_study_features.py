@@ -7,12 +7,12 @@ The data are tiny MNIST- and ImageNet-format folders whose examples can be
 told apart by their pixels or labels; the expected values are computed with
 NumPy from those files."""
 
-import gzip
 import json
 import os
 import subprocess
 import sys
 
+import helpers
 import keras
 import numpy as np
 import pytest
@@ -22,14 +22,6 @@ from helpers import imagenet_example, write_records
 from train import config, data, models, sources, trainer
 
 NUM_TRAIN, NUM_VALIDATION = 32, 20
-
-
-def _write_idx(path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(n).to_bytes(4, "big") for n in array.shape
-    )
-    with gzip.open(path, "wb") as file:
-        file.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture
@@ -46,8 +38,8 @@ def mnist_dir(tmp_path):
         images[:, 0, 0] = np.arange(count)
         labels = rng.integers(0, 10, count)
         images_name, labels_name = sources.IDX_FILES[split]
-        _write_idx(tmp_path / images_name, images)
-        _write_idx(tmp_path / labels_name, labels)
+        helpers.write_idx(tmp_path / images_name, images)
+        helpers.write_idx(tmp_path / labels_name, labels)
         arrays[split] = images.astype(np.uint8)
     return tmp_path, arrays
 

@@ -5,6 +5,7 @@ import logging
 import os
 import threading
 
+import helpers
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -445,14 +446,6 @@ def test_synthetic_batches():
 # IDX (MNIST format)
 
 
-def _write_idx(path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(n).to_bytes(4, "big") for n in array.shape
-    )
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
 def mnist_dir(tmp_path):
     rng = np.random.default_rng(2)
@@ -461,8 +454,8 @@ def mnist_dir(tmp_path):
         count = 12 if split == "train" else 7
         images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, count, dtype=np.uint8)
-        _write_idx(tmp_path / images_name, images)
-        _write_idx(tmp_path / labels_name, labels)
+        helpers.write_idx(tmp_path / images_name, images)
+        helpers.write_idx(tmp_path / labels_name, labels)
         arrays[split] = (images, labels)
     return tmp_path, arrays
 

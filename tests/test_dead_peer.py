@@ -12,9 +12,10 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
+
+import helpers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [
@@ -31,16 +32,6 @@ ARGS = [
     "--skip_eval",
 ]
 TIMEOUT = 300  # Seconds; a hung collective must not hang the suite.
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _start_workers(model_dir, workers: list[str]) -> list[subprocess.Popen]:
@@ -78,7 +69,7 @@ def _read_until(process: subprocess.Popen, pattern: str) -> list[str]:
 
 def test_a_killed_peer_ends_the_survivor_in_one_line_and_all_resume(tmp_path):
     model_dir = tmp_path / "run"
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = helpers.local_worker_addresses(2)
     chief, peer = _start_workers(model_dir, workers)
     try:
         _read_until(chief, r"train step +40/")

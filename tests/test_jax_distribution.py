@@ -6,10 +6,10 @@ once and train the same model on the same tiny MNIST-format data through
 `train.data`'s pipeline. The one-device run is the reference.
 """
 
-import gzip
 import importlib.util
 import socket
 
+import helpers
 import numpy as np
 import pytest
 
@@ -23,14 +23,6 @@ IDX_FILES = (  # train.data.IDX_FILES, without importing TensorFlow here
     ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 64),
     ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 8),
 )
-
-
-def _write_idx(path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(n).to_bytes(4, "big") for n in array.shape
-    )
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def _free_port() -> int:
@@ -47,8 +39,8 @@ def runs(tmp_path_factory, check_scripts):
     data_dir.mkdir()
     rng = np.random.default_rng(5)
     for images_name, labels_name, count in IDX_FILES:
-        _write_idx(data_dir / images_name, rng.integers(0, 256, (count, 28, 28)))
-        _write_idx(data_dir / labels_name, rng.integers(0, 10, count))
+        helpers.write_idx(data_dir / images_name, rng.integers(0, 256, (count, 28, 28)))
+        helpers.write_idx(data_dir / labels_name, rng.integers(0, 10, count))
 
     coordinator = f"127.0.0.1:{_free_port()}"
     commands = {

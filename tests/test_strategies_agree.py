@@ -11,13 +11,12 @@ batch size rounds differently from one with a known size (16x16 hides it).
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
+import helpers
 import numpy as np
 import tensorflow as tf
-from test_data import _write_idx
 
 from train import sources
 
@@ -39,8 +38,8 @@ def _write_mnist(folder) -> None:
     rng = np.random.default_rng(0)
     for split, (images_name, labels_name) in sources.IDX_FILES.items():
         count = 512 if split == "train" else 200
-        _write_idx(folder / images_name, rng.integers(0, 256, (count, 28, 28)))
-        _write_idx(folder / labels_name, rng.integers(0, 10, count))
+        helpers.write_idx(folder / images_name, rng.integers(0, 256, (count, 28, 28)))
+        helpers.write_idx(folder / labels_name, rng.integers(0, 10, count))
 
 
 def _start(model_dir, *args: str, tf_config: dict | None = None) -> subprocess.Popen:
@@ -59,16 +58,6 @@ def _start(model_dir, *args: str, tf_config: dict | None = None) -> subprocess.P
     )
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _weights(model_dir) -> dict[str, np.ndarray]:
     """Every numeric value of the folder's latest checkpoint, by name."""
     reader = tf.train.load_checkpoint(str(model_dir))
@@ -82,7 +71,7 @@ def _weights(model_dir) -> dict[str, np.ndarray]:
 def test_multi_worker_trains_bit_identically_to_mirrored(tmp_path):
     _write_mnist(tmp_path)
     data = f"--data_dir={tmp_path}"
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = helpers.local_worker_addresses(2)
     processes = [
         _start(
             tmp_path / "multi_worker",

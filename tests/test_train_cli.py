@@ -12,11 +12,11 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+import helpers
 import numpy as np
 import pytest
 
@@ -343,20 +343,10 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(tmp_path):
     assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == 10
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_mirrored_and_multi_worker_agree(tmp_path):
     args = ["--train_steps=60", "--deterministic"]
     # Two local workers, one replica each, started together.
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = helpers.local_worker_addresses(2)
     model_dir = tmp_path / "multi_worker"
     processes = []
     for index in range(2):
