@@ -76,6 +76,17 @@ def run(main: Callable[[], None]) -> None:
     app.run(main_with_argv, flags_parser=_parse_flags)
 
 
+def define_subset(name: str, choices, help_text: str) -> None:
+    """A comma-separated list flag `--name` of some of `choices` (default:
+    all), whose other values are one line naming the flag and the choices."""
+    flags.DEFINE_list(name, list(choices), f"{help_text} (of {', '.join(choices)}).")
+    flags.register_validator(
+        name,
+        lambda names: bool(names) and set(names) <= set(choices),
+        f"--{name}: a comma-separated subset of {', '.join(choices)}",
+    )
+
+
 def set_defaults(**defaults) -> None:
     """A benchmark's own defaults for the common flags (e.g. `rounds=7`)."""
     for name, value in defaults.items():

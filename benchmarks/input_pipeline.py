@@ -95,12 +95,7 @@ flags.register_validator(
     lambda value: value is None or _size(value) is not None,
     "--jpeg_size: WIDTHxHEIGHT, two positive integers such as 500x375",
 )
-flags.DEFINE_list("variants", list(VARIANTS), f"Variants to time, of {VARIANTS}.")
-flags.register_validator(
-    "variants",
-    lambda names: bool(names) and set(names) <= set(VARIANTS),
-    "--variants: a comma-separated subset of " + ", ".join(VARIANTS),
-)
+harness.define_subset("variants", VARIANTS, "Variants to time")
 harness.set_defaults(rounds=3)
 _clusters = {}  # workers -> (dispatcher, workers), started once per process.
 

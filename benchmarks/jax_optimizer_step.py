@@ -33,12 +33,7 @@ from benchmarks import harness  # noqa: E402
 CANDIDATES = ("lars", "sgd", "optax_lars", "optax_sgd", "jnp_lars")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("candidates", list(CANDIDATES), f"Subset of {CANDIDATES}.")
-flags.register_validator(
-    "candidates",
-    lambda names: bool(names) and set(names) <= set(CANDIDATES),
-    f"--candidates: a comma-separated subset of {', '.join(CANDIDATES)}",
-)
+harness.define_subset("candidates", CANDIDATES, "Candidates to time")
 flags.DEFINE_integer("steps", 5, "Steps per candidate per round.", lower_bound=1)
 flags.DEFINE_float("scale", 1.0, "Fraction of every channel count.", lower_bound=0)
 harness.set_defaults(rounds=15)

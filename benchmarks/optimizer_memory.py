@@ -32,12 +32,7 @@ CANDIDATES = ("lars", "sgd")
 MB = 1e6
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("candidates", list(CANDIDATES), f"Subset of {CANDIDATES}.")
-flags.register_validator(
-    "candidates",
-    lambda names: bool(names) and set(names) <= set(CANDIDATES),
-    f"--candidates: a comma-separated subset of {', '.join(CANDIDATES)}",
-)
+harness.define_subset("candidates", CANDIDATES, "Candidates to measure")
 flags.DEFINE_integer("steps", 3, "Steps measured after the warm-up.", lower_bound=1)
 flags.DEFINE_float("scale", 1.0, "Fraction of every channel count.", lower_bound=0)
 harness.set_defaults(rounds=3)

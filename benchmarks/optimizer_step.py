@@ -58,12 +58,7 @@ BYTES_PER_PARAMETER = 20  # read w, g, v and write w, v, 4 bytes each
 FUSED_MOMENTUM = "fused momentum kernel (1 flat array)"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("scenarios", list(SCENARIOS), f"Subset of {SCENARIOS}.")
-flags.register_validator(
-    "scenarios",
-    lambda names: bool(names) and set(names) <= set(SCENARIOS),
-    f"--scenarios: a comma-separated subset of {', '.join(SCENARIOS)}",
-)
+harness.define_subset("scenarios", SCENARIOS, "Scenarios to time")
 flags.DEFINE_integer("steps", 3, "Steps per candidate per round.", lower_bound=1)
 flags.DEFINE_bool("variants", False, "Also time lars_update_designs.py's designs.")
 flags.DEFINE_float("scale", 1.0, "Fraction of every channel count.", lower_bound=0)

@@ -30,12 +30,7 @@ JIT_MODES = (False, True)  # model.compile(jit_compile=...)
 MODELS = {"resnet20": (10, 32, 3), "small_alexnet_bn": (10, 28, 1)}
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", list(MODELS), f"Subset of {tuple(MODELS)}.")
-flags.register_validator(
-    "models",
-    lambda names: bool(names) and set(names) <= set(MODELS),
-    f"--models: a comma-separated subset of {', '.join(MODELS)}",
-)
+harness.define_subset("models", MODELS, "Models to time")
 flags.DEFINE_integer("batch_size", 256, "Images per step.", lower_bound=1)
 flags.DEFINE_integer("steps", 3, "Steps per copy per round.", lower_bound=1)
 harness.set_defaults(rounds=7)
