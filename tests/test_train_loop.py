@@ -325,3 +325,23 @@ def test_run_gives_back_the_signal_handlers_it_found(tmp_path):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_a_stop_signal_after_the_last_step_finishes_then_exits_with_it(tmp_path, capfd):
+    """SIGINT during the final evaluation (sent by a callback at the end of
+    training): the run writes its results, then exits 130 as announced."""
+
+    class InterruptAtTheEnd(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    c = _config(tmp_path, train_steps=2)
+    with pytest.raises(SystemExit) as stopped:
+        trainer.run(c, callbacks=[InterruptAtTheEnd()])
+    assert stopped.value.code == 128 + signal.SIGINT
+    output = capfd.readouterr()
+    assert "SIGINT after the last step: the run finished" in output.out
+    assert "SIGINT: stopping after a checkpoint" in output.err
+    with open(tmp_path / trainer.SUMMARY_FILE, encoding="utf-8") as file:
+        assert json.load(file)["steps"] == 2
+    assert keras.saving.load_model(str(tmp_path / trainer.MODEL_FILE)).built

@@ -142,7 +142,10 @@ def _write_stderr(line: str) -> None:
         sys.stdout.flush()
     except (OSError, ValueError):
         pass
-    os.write(sys.stderr.fileno(), (line + "\n").encode())
+    try:
+        os.write(sys.stderr.fileno(), (line + "\n").encode())
+    except (OSError, ValueError):  # A stderr without a file (captured).
+        sys.stderr.write(line + "\n")
 
 
 def stop_signal(strategy: tf.distribute.Strategy, received: int | None) -> int | None:

@@ -92,7 +92,12 @@ def run(
             parts, progress = _set_up(config, callbacks, record, previous, wall_start)
             with strategy_lib.lost_peer_reported(parts.strategy, config.model_dir):
                 _train(parts, progress, stop)
-                return _finish(parts, progress)
+                summary = _finish(parts, progress)
+            if stop.received:  # After the last loop: the run is complete.
+                name = signal.Signals(stop.received).name
+                parts.log(f"{name} after the last step: the run finished; exiting.")
+                sys.exit(128 + stop.received)
+            return summary
     finally:
         model_folder.release()  # However the run ends.
 
