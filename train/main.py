@@ -1,17 +1,15 @@
 """The large-batch training app: `python -m train.main [--flag=value ...]`.
 
-The flow, one module each: the flags are defined and checked in
-`train/config.py` (a frozen `Config`, before TensorFlow starts), the training
-loop is `train/trainer.py`, the optimizer and its learning-rate schedule
-`train/optimizers.py`, the models `train/models.py`, the input pipelines
-`train/data.py` (the data's facts: `train/sources.py`). docs/training.md
-describes the command line and what each failure looks like.
+Parses and checks the flags (`train.config`, before TensorFlow starts), then
+calls `train.trainer.run`; the app's flow is in `train/__init__.py`, and
+docs/training.md describes the command line and every ending.
 
 Exit status: 0 when the run finished (or was already finished), 2 for a user
 error (a flag, a path, the data, a model folder holding another run; one line
-on stderr), 3 when the run stopped on non-finite steps or a failed write to
-the model folder (`train.RunError`), 143 when SIGTERM stopped it after a
-checkpoint, 130 when SIGINT did (a second SIGINT: at once, without one).
+on stderr), 3 when the run stopped on non-finite steps, a failed write to the
+model folder or a lost multi_worker peer (`train.RunError`), 143 when SIGTERM
+stopped it after a checkpoint, 130 when SIGINT did (a second SIGINT: at once,
+without one).
 """
 
 import os
