@@ -884,20 +884,32 @@ def check_resume(config: Config, record: dict) -> None:
         )
 
 
-def write_json(path: str, content: dict) -> None:
-    """Writes `content` to `path` atomically (a temporary file, then a rename),
-    so a crash leaves the previous file or the new one, never half of one.
+@contextlib.contextmanager
+def written_atomically(path: str, on_failure: str = ""):
+    """Yields a temporary path beside `path` (with its name's ending) for the
+    caller to write, then renames it to `path`, so a crash leaves the previous
+    file or the new one, never half of one.
 
     Raises:
       train.RunError: the write failed (no space, an I/O error, a read-only
-        folder); the previous file, if any, is unchanged.
+        folder): one line naming `path` and the cause, then `on_failure`; the
+        previous file, if any, is unchanged and the temporary one removed.
     """
-    temporary = f"{path}.tmp-{os.getpid()}"
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, f"tmp-{os.getpid()}-{name}")
     try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(content, file, indent=2, default=str)
+        yield temporary
         os.replace(temporary, path)
     except OSError as error:
         with contextlib.suppress(OSError):
             os.remove(temporary)
-        raise RunError(f"could not write {path}: {error.strerror or error}") from None
+        raise RunError(
+            f"could not write {path}: {error.strerror or error}{on_failure}"
+        ) from None
+
+
+def write_json(path: str, content: dict) -> None:
+    """Writes `content` to `path` as JSON, atomically (`written_atomically`)."""
+    with written_atomically(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(content, file, indent=2, default=str)

@@ -1,7 +1,6 @@
 """What a run leaves behind: its progress counters, the segment they make in
 summary.json (each start of the run is one), and the trained model.keras."""
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -9,8 +8,8 @@ import time
 import keras
 import numpy as np
 
-from train import RunError, model_folder
 from train import config as config_lib
+from train import model_folder
 from train.config import Config
 
 SUMMARY_FILE = model_folder.SUMMARY_FILE
@@ -179,14 +178,7 @@ def export_model(model: keras.Model, config: Config) -> None:
         mean=mean, variance=std**2, name="normalization"
     )(inputs)
     exported = keras.Model(inputs, model(normalized), name=f"{config.model}_export")
-    temporary = os.path.join(os.path.dirname(path), f"tmp-{os.getpid()}-{MODEL_FILE}")
-    try:
+    with config_lib.written_atomically(
+        path, "; the checkpoints are intact, and a rerun with space exports the model"
+    ) as temporary:
         exported.save(temporary)
-        os.replace(temporary, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise RunError(
-            f"could not write {path}: {error.strerror or error}; the checkpoints "
-            "are intact, and a rerun with space exports the model"
-        ) from None
