@@ -9,7 +9,6 @@ subprocess only where a lock between processes must be seen.
 
 import errno
 import os
-import signal
 import subprocess
 import sys
 import types
@@ -34,15 +33,6 @@ TINY = {
     "lr_schedule": "step",
 }
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    """trainer.run installs signal handlers; give the test process its own back."""
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for number, handler in previous.items():
-        signal.signal(number, handler)
 
 
 def _config(model_dir, **settings) -> config.Config:

@@ -32,14 +32,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _keep_sigterm():
-    """trainer.run installs a SIGTERM handler; give the test process its own back."""
-    previous = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, previous)
-
-
 def _config(tmp_path, **settings) -> config.Config:
     """The config of a TINY run with `settings`, writing to `tmp_path`."""
     return config.make_config(**{**TINY, **settings}, model_dir=str(tmp_path))
