@@ -9,8 +9,12 @@ unimportable; the TFRecord helpers import TensorFlow when called.
 """
 
 import gzip
+import json
+import os
 import re
 import socket
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -243,6 +247,42 @@ def local_worker_addresses(count: int) -> list[str]:
     for s in sockets:
         s.close()
     return addresses
+
+
+def start_workers(model_dir, workers: list[str], args: list[str]) -> list:
+    """One `python -m train.main --strategy=multi_worker` process per address
+    of `workers` (a cluster on this host, TF_CONFIG in each one's environment),
+    training into `model_dir` with `args`; stdout and stderr are pipes (text)."""
+    processes = []
+    for index in range(len(workers)):
+        tf_config = {
+            "cluster": {"worker": workers},
+            "task": {"type": "worker", "index": index},
+        }
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+        env["TF_CONFIG"] = json.dumps(tf_config)
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "train.main", *args]
+                + ["--strategy=multi_worker", f"--model_dir={model_dir}"],
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    return processes
+
+
+def read_until(process, pattern: str) -> list[str]:
+    """The lines of `process`'s stdout up to the first matching `pattern`."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
+    raise AssertionError(f"no line matching {pattern!r}:\n{''.join(lines)[-3000:]}")
 
 
 def write_idx(path, array: np.ndarray) -> None:

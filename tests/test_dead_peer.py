@@ -8,16 +8,13 @@ TF_CPP_MIN_LOG_LEVEL=3 silences); both workers restarted then resume from
 that checkpoint, and stop on SIGTERM after a checkpoint (status 143).
 """
 
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
 
 import helpers
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [
     "--source=synthetic",
     "--num_classes=10",
@@ -35,36 +32,7 @@ TIMEOUT = 300  # Seconds; a hung collective must not hang the suite.
 
 
 def _start_workers(model_dir, workers: list[str]) -> list[subprocess.Popen]:
-    processes = []
-    for index in range(len(workers)):
-        tf_config = {
-            "cluster": {"worker": workers},
-            "task": {"type": "worker", "index": index},
-        }
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-        env["TF_CONFIG"] = json.dumps(tf_config)
-        command = [sys.executable, "-m", "train.main", *ARGS]
-        processes.append(
-            subprocess.Popen(
-                [*command, "--strategy=multi_worker", f"--model_dir={model_dir}"],
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    return processes
-
-
-def _read_until(process: subprocess.Popen, pattern: str) -> list[str]:
-    """The lines of `process`'s stdout up to the first matching `pattern`."""
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if re.search(pattern, line):
-            return lines
-    raise AssertionError(f"no line matching {pattern!r}:\n{''.join(lines)[-3000:]}")
+    return helpers.start_workers(model_dir, workers, ARGS)
 
 
 def test_a_killed_peer_ends_the_survivor_in_one_line_and_all_resume(tmp_path):
@@ -72,7 +40,7 @@ def test_a_killed_peer_ends_the_survivor_in_one_line_and_all_resume(tmp_path):
     workers = helpers.local_worker_addresses(2)
     chief, peer = _start_workers(model_dir, workers)
     try:
-        _read_until(chief, r"train step +40/")
+        helpers.read_until(chief, r"train step +40/")
         peer.send_signal(signal.SIGKILL)
         peer.wait(timeout=TIMEOUT)
         _, stderr = chief.communicate(timeout=TIMEOUT)
@@ -96,7 +64,7 @@ def test_a_killed_peer_ends_the_survivor_in_one_line_and_all_resume(tmp_path):
 
     restarted = _start_workers(model_dir, workers)
     try:
-        lines = _read_until(restarted[0], r"train step ")
+        lines = helpers.read_until(restarted[0], r"train step ")
         for process in restarted:  # Reaches them under multi_worker too.
             process.send_signal(signal.SIGTERM)
         outputs = [process.communicate(timeout=TIMEOUT) for process in restarted]

@@ -9,6 +9,9 @@ subprocess only where a lock between processes must be seen.
 
 import errno
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 import types
@@ -236,6 +239,52 @@ def test_one_run_per_folder_and_a_dead_holders_lock_is_taken_over(tmp_path, capf
     err = capfd.readouterr().err
     assert f"took over the lock left by pid {holder.pid} on host" in err
     assert not (model_dir / model_folder.LOCK_FILE).exists()  # Released.
+
+
+def test_a_second_multi_worker_cluster_on_a_held_folder_is_refused(tmp_path):
+    """Each worker of a second cluster started on the folder that a running
+    cluster holds ends in one line naming the lock it wants and its holder,
+    exit 2, having written nothing: its chief wants the folder's lock, its
+    worker 1 the lock of its temporary checkpoint folder."""
+    model_dir = tmp_path / "run"
+    args = ["--train_steps=100000", "--log_every_steps=2"]
+    args += [f"--{k}={v}" for k, v in TINY.items()]
+    second = []
+    first = helpers.start_workers(model_dir, helpers.local_worker_addresses(2), args)
+    try:
+        helpers.read_until(first[0], r"train step ")  # Both hold their locks.
+        for process in first:  # Still holding, but writing nothing from now on.
+            process.send_signal(signal.SIGSTOP)
+        before = _snapshot(model_dir)
+        second = helpers.start_workers(
+            model_dir, helpers.local_worker_addresses(2), args
+        )
+        outputs = [process.communicate(timeout=300) for process in second]
+        after = _snapshot(model_dir)
+    finally:
+        for process in first + second:
+            process.kill()
+            process.wait()
+    locks = [model_dir / model_folder.LOCK_FILE, model_dir / "workertemp_worker_1.lock"]
+    for process, (stdout, stderr), held, holder in zip(
+        second, outputs, locks, first, strict=True
+    ):
+        assert process.returncode == 2, stderr[-3000:]
+        assert "Traceback" not in stderr and "train step" not in stdout, stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if "train.main" in line]
+        assert errors == stderr.splitlines()[-1:], stderr[-3000:]
+        assert re.fullmatch(
+            re.escape(
+                f"train.main: error: --model_dir={model_dir} is in use by another "
+                f"run (pid {holder.pid} on host {socket.gethostname()} (since "
+            )
+            + r"[^)]+"
+            + re.escape(
+                f"); lock file {held}): wait for it to end, or give another --model_dir"
+            ),
+            errors[0],
+        ), errors[0]
+    assert after == before
 
 
 def test_a_lock_is_exclusive_per_name_and_released(tmp_path):
