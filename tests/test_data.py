@@ -1,8 +1,13 @@
 """Tests of train/data.py and train/preprocessing.py on small hand-written files."""
 
 import gzip
+import json
 import logging
 import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 
 import helpers
@@ -625,7 +630,78 @@ def test_a_file_gone_during_training_stops_the_pipeline_naming_it(tmp_path):
     ]
 
 
-def test_check_files_names_a_file_gone_since_the_pipeline_read_it(tmp_path):
+# Reads a batch of the 3 files in argv[1], makes train-00001-of-00003 present
+# but unopenable (argv[2]: "permissions", "socket"), reads on; prints the
+# UserError the pipeline stops with.
+_READ_ON = """
+import json, os, socket, sys
+import tensorflow as tf
+from train import data
+iterator = iter(data.make_input_fn(**json.loads(sys.argv[3]))())
+next(iterator)
+os.chdir(sys.argv[1])  # A socket's path is short.
+name = "train-00001-of-00003"
+if sys.argv[2] == "permissions":
+    os.chmod(name, 0)
+else:
+    os.remove(name)
+    socket.socket(socket.AF_UNIX).bind(name)
+try:
+    for _ in range(30):  # Reads train-00001-of-00003 again in the next epoch.
+        next(iterator)
+except tf.errors.OpError as error:
+    print(data.user_error(error))
+"""
+
+
+@pytest.mark.parametrize("how", ["permissions", "socket"])
+def test_a_file_that_stops_opening_stops_the_pipeline_naming_it(tmp_path, how):
+    """A file there but unopenable (TensorFlow retries a failed open without
+    moving on) ends the pipeline, as a file gone does: it must not hang."""
+    prefix = []
+    if how == "permissions" and os.geteuid() == 0:  # Root reads a mode-000 file
+        if not shutil.which("setpriv"):  # unless it gives up the capabilities.
+            pytest.skip("as root a mode-000 file reads; no setpriv to drop that")
+        prefix = ["setpriv", "--inh-caps=-all"]
+        prefix += ["--bounding-set=-dac_override,-dac_read_search"]
+    paths = [tmp_path / f"train-0000{k}-of-00003" for k in range(3)]
+    for k, path in enumerate(paths):
+        _write(str(path), _good_records(4, k + 1))
+    settings = dict(
+        source="imagenet",
+        split="train",
+        data_dir=str(tmp_path),
+        global_batch_size=4,
+        image_size=16,
+        augmentation="none",
+        seed=1,
+        deterministic=True,
+        num_classes=3,
+    )
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-c", _READ_ON, str(tmp_path), how]
+    try:  # A hang must not hang the suite: far above the ~10 s needed.
+        result = subprocess.run(
+            prefix + command + [json.dumps(settings)],
+            cwd=repo_root,
+            env=dict(os.environ, PYTHONPATH=repo_root),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the pipeline hangs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == (
+        f"a data file cannot be opened: {paths[1]} (it held 4 records when the "
+        "run started; make it readable and resume, or train on the files left "
+        "in a new --model_dir)\n"
+    )
+
+
+def test_check_files_names_a_file_gone_or_unopenable_since_the_pipeline_read_it(
+    tmp_path, monkeypatch
+):
     paths = [tmp_path / f"train-0000{k}-of-00002" for k in range(2)]
     for k, path in enumerate(paths):
         _write(str(path), _good_records(4, k + 1))
@@ -639,6 +715,15 @@ def test_check_files_names_a_file_gone_since_the_pipeline_read_it(tmp_path):
         f"a data file is gone: {paths[0]} (it held 4 records when the run "
         "started; put it back and resume, or train on the files left in a new "
         "--model_dir)"
+    )
+    monkeypatch.chdir(tmp_path)  # A socket's path is short.
+    socket.socket(socket.AF_UNIX).bind(paths[0].name)  # There, but no opening.
+    with pytest.raises(UserError) as error:
+        input_fn.check_files()
+    assert str(error.value) == (
+        f"a data file cannot be opened: {paths[0]} (No such device or address; "
+        "it held 4 records when the run started; make it readable and resume, "
+        "or train on the files left in a new --model_dir)"
     )
 
 

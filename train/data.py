@@ -83,6 +83,12 @@ _GONE = (
     "records when the run started; put it back and resume, or train on the "
     "files left in a new --model_dir)",
 )
+# The same for a file that is there but does not open (permissions, ...).
+_SHUT = (
+    "a data file cannot be opened:",
+    "records when the run started; make it readable and resume, or train on "
+    "the files left in a new --model_dir)",
+)
 
 
 def user_error(error: tf.errors.OpError) -> UserError | None:
@@ -345,8 +351,16 @@ class InputFn:
         only when it opens it again, in the next epoch. (Remote files are left
         to the pipeline: a look costs a round trip each.)"""
         for path, count in self._record_counts.items():
-            if "://" not in path and not os.path.exists(path):
+            if "://" in path:
+                continue
+            if not os.path.exists(path):
                 raise UserError(f"{_GONE[0]} {path} (it held {count} {_GONE[1]}")
+            try:  # Not blocking: a FIFO put in a file's place would block.
+                os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+            except OSError as error:
+                raise UserError(
+                    f"{_SHUT[0]} {path} ({error.strerror}; it held {count} {_SHUT[1]}"
+                ) from None
 
     def __call__(
         self,
@@ -452,10 +466,12 @@ class InputFn:
         end_record = self._end_record()
 
         def read_file(file_id, path, expected):
-            # A file gone since the start reads as empty, and its end marker
-            # reports it: opening it would fail, and `ignore_errors` after the
-            # decode would retry the failed open for ever (the run would hang).
+            # A file gone since the start, or there but not opening, reads as
+            # empty, and its end marker reports it: TFRecordDataset retries a
+            # failed open without moving on, and `ignore_errors` after the
+            # decode would retry it for ever (the run would hang).
             present = tf.io.matching_files(_glob_escaped(path))
+            present = tf.boolean_mask(present, tf.fill(tf.shape(present), _opens(path)))
             records = tf.data.TFRecordDataset(present, buffer_size=RECORD_BUFFER_BYTES)
             records = records.concatenate(tf.data.Dataset.from_tensors(end_record))
             meta = {"end": tf.constant(False), "expected": tf.cast(expected, tf.int64)}
@@ -963,9 +979,24 @@ def _glob_escaped(path: tf.Tensor) -> tf.Tensor:
     return tf.strings.regex_replace(path, r"([*?\[\\])", r"\\\1")
 
 
+def _opens(path: tf.Tensor) -> tf.Tensor:
+    """Whether the file `path` opens and reads (its first byte), as a bool,
+    never an error: the failed read of a one-element dataset is dropped by its
+    `ignore_errors`, which then finds the dataset at its end."""
+
+    def first_byte(path):
+        read = tf.data.FixedLengthRecordDataset(path, 1, buffer_size=1).take(1)
+        with tf.control_dependencies([read.reduce(np.int64(0), lambda n, _: n)]):
+            return tf.constant(True)
+
+    opened = tf.data.Dataset.from_tensors(path).map(first_byte).ignore_errors()
+    return opened.reduce(tf.constant(False), lambda _, opens: opens)
+
+
 def _file_checks(meta: dict, records: _Records) -> list:
     """(ok, message) checks of an end marker: its file was read whole, or it
-    is gone since the run checked it, or a record failed its checksum."""
+    is gone since the run checked it, or it does not open, or a record failed
+    its checksum."""
     complete = ~meta["end"] | (meta["key"] % _FILE_KEY == meta["expected"])
     path = records.file_names(meta["key"])
     gone = tf.cond(
@@ -973,9 +1004,10 @@ def _file_checks(meta: dict, records: _Records) -> list:
         lambda: tf.constant(False),
         lambda: tf.size(tf.io.matching_files(_glob_escaped(path))) == 0,
     )
+    shut = tf.cond(complete | gone, lambda: tf.constant(False), lambda: ~_opens(path))
     return [
         (
-            complete | gone,
+            complete | gone | shut,
             [
                 _DATA_ERROR + "corrupted TFRecord file:",
                 path,
@@ -985,6 +1017,7 @@ def _file_checks(meta: dict, records: _Records) -> list:
             ],
         ),
         (~gone, [_DATA_ERROR + _GONE[0], path, "(it held", meta["expected"], _GONE[1]]),
+        (~shut, [_DATA_ERROR + _SHUT[0], path, "(it held", meta["expected"], _SHUT[1]]),
     ]
 
 
