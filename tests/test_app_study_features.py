@@ -287,6 +287,10 @@ def test_holdout_run_tunes_on_the_holdout_and_reports_both(
     assert summary["eval_moving_bn"]["examples"] == NUM_VALIDATION
     assert summary["holdout"]["loss"] != summary["eval"]["loss"]
     assert set(summary["skipped_records"]) == {"train", "validation", "holdout"}
+    # An evaluation per epoch of 3 steps; the last one is the moving averages'.
+    assert [entry["step"] for entry in summary["history"]] == [3, 6]
+    assert summary["history"][-1]["holdout"] == summary["holdout_moving_bn"]
+    assert all(entry["train"]["loss"] > 0 for entry in summary["history"])
     assert os.listdir(tmp_path / "run" / "holdout")  # Its TensorBoard scalars.
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("Held out 8 of the 32 training ") for line in lines)
@@ -322,3 +326,26 @@ def test_a_resumed_holdout_run_ends_as_an_uninterrupted_one(
     ]
     for whole_weight, resumed_weight in zip(*weights, strict=True):
         np.testing.assert_array_equal(whole_weight, resumed_weight)
+
+
+def test_a_resumed_runs_history_keeps_the_evaluations_before_its_start(tmp_path):
+    from train import summary as summary_lib
+
+    run = config.make_config(
+        source="synthetic",
+        train_steps=9,
+        warmup_epochs=0,
+        model_dir=str(tmp_path / "run"),
+    )
+    previous = {
+        "segments": [],
+        "history": [{"step": 3, "eval": {"top1": 0.1}}, {"step": 6, "eval": {}}],
+    }
+    progress = summary_lib.Progress(start_step=3, last_saved=3, wall_start=0.0)
+    progress.history = [{"step": 6, "eval": {"top1": 0.3}}]
+    segment = {"nonfinite_steps": 0, "wall_time_sec": 1.0, "images_per_sec": None}
+    contents = summary_lib.summary(run, 1, progress, segment, previous)
+    assert contents["history"] == [
+        {"step": 3, "eval": {"top1": 0.1}},
+        {"step": 6, "eval": {"top1": 0.3}},
+    ]

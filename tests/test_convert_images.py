@@ -111,6 +111,26 @@ def test_rgb_jpeg_bytes_are_kept(image_folders, tmp_path):
     assert by_name[original.name]["jpeg"] == original.read_bytes()
 
 
+def test_shorter_side_resizes_every_image_keeping_its_colour(tmp_path):
+    # Flat colours survive an antialiased resize and JPEG exactly enough to
+    # name the image; 24x40 -> shorter side 6 is 6x10.
+    colours = {"a": (200, 30, 90), "b": (20, 180, 240)}
+    for name, colour in colours.items():
+        folder = tmp_path / "images" / name
+        folder.mkdir(parents=True)
+        image = np.broadcast_to(np.array(colour, np.uint8), (24, 40, 3))
+        encoded = tf.io.encode_png(np.ascontiguousarray(image)).numpy()
+        (folder / f"{name}.png").write_bytes(encoded)
+    convert_images.convert(
+        str(tmp_path / "out"), train_dir=str(tmp_path / "images"), shorter_side=6
+    )
+    for example in _read_records(str(tmp_path / "out" / "train-*")):
+        image = tf.io.decode_jpeg(example["jpeg"]).numpy()
+        assert image.shape == (6, 10, 3)
+        colour = colours[example["text"]]
+        np.testing.assert_allclose(image.mean(axis=(0, 1)), colour, atol=3)
+
+
 def test_imagenet_labels_from_synset_list(image_folders, tmp_path):
     synsets = tmp_path / "synsets.txt"
     # A made-up sorted list: the class folders sit at positions 2, 5 and 7.

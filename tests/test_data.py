@@ -170,6 +170,40 @@ def test_fixed_seed_gives_same_order_and_augmentation(imagenet_dir):
     assert not np.array_equal(images_a, images_c)
 
 
+@pytest.mark.parametrize("augmentation", ["minimal", "extended"])
+def test_cache_keeps_the_decoded_images_and_gives_the_same_batches(
+    imagenet_dir, augmentation
+):
+    data_dir, _ = imagenet_dir
+
+    def run(cache):
+        input_fn = _input_fn(
+            data_dir, split="train", augmentation=augmentation, cache=cache
+        )
+        return _collect(input_fn(), max_batches=12)  # Two epochs.
+
+    cached, uncached = run(True), run(False)
+    # The first epoch (6 batches of 4) is the uncached one; the second holds
+    # every example once again, in an order of its own.
+    np.testing.assert_array_equal(cached[1][:24], uncached[1][:24])
+    np.testing.assert_array_equal(cached[0][:24], uncached[0][:24])
+    assert sorted(cached[1][24:]) == sorted(uncached[1][:24])
+    again = run(True)
+    np.testing.assert_array_equal(again[0], cached[0])
+
+
+def test_cache_skips_names_and_counts_an_undecodable_record_once(bad_dir, capfd):
+    input_fn = _input_fn(str(bad_dir), num_classes=2, cache=True)
+    dataset = input_fn()
+    for _ in range(2):  # The second pass reads the cache: nothing is decoded.
+        _, labels = _collect(dataset)
+        np.testing.assert_array_equal(np.sort(labels), [0, 0, 0, 1, 1])
+    assert input_fn.skipped_records() == 1
+    name = f"{bad_dir / 'validation-00000-of-00001'} record 3"
+    assert input_fn.skipped_record_names() == [name]
+    assert capfd.readouterr().err.count(name) == 1
+
+
 def test_input_pipelines_read_disjoint_files(imagenet_dir):
     data_dir, _ = imagenet_dir
     seen = []

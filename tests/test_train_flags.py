@@ -112,6 +112,8 @@ def test_bad_number_names_the_flag_and_its_range(overrides, flag, allowed):
         ({"data_service": "grpc://host:0"}, "data_service"),
         ({"data_service": "host:5050", "deterministic": True}, "data_service"),
         ({"jit_compile": True, "deterministic": True}, "jit_compile"),
+        ({"nesterov": True, "optimizer": "lamb"}, "nesterov"),
+        ({"nesterov": True, "momentum": 0}, "nesterov"),
     ],
 )
 def test_bad_combination_is_named(overrides, flag, monkeypatch):
@@ -256,6 +258,7 @@ def test_resume_with_the_same_or_a_cosmetic_change_passes(tmp_path):
         ({"precision": "mixed_bfloat16"}, "--precision: float32 -> mixed_bfloat16"),
         ({"train_steps": 2000}, "--train_steps/--train_epochs: 900 -> 2000"),
         ({"image_size": 32}, "--image_size: 224 -> 32"),
+        ({"cache": True}, "--cache: False -> True"),
     ],
 )
 def test_resume_with_another_meaning_names_each_change(tmp_path, changed, line):

@@ -94,6 +94,10 @@ def test_optimizers_from_flags():
     assert lars.coupled_weight_decay == 0.001 and lars.trust_coefficient == 0.02
     sgd = optimizers.build_optimizer(_config(optimizer="sgd"), model)
     assert isinstance(sgd, keras.optimizers.SGD) and not sgd.weight_decay
+    assert not sgd.nesterov and not lars.nesterov
+    for name in ("sgd", "lars"):
+        config = _config(optimizer=name, nesterov=True)
+        assert optimizers.build_optimizer(config, model).nesterov
     adamw = optimizers.build_optimizer(_config(optimizer="adamw"), model)
     assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == 5e-4
     excluded = [v for v in model.trainable_variables if adamw._use_weight_decay(v)]
@@ -106,7 +110,7 @@ def test_optimizers_from_flags():
 
 
 def test_plain_argument_optimizers():
-    """What a program without a Config (the study) builds: `make_*` directly."""
+    """What a program without a Config builds: `make_*` directly."""
     model = _tiny_model()
     variables = model.trainable_variables
     schedule = optimizers.make_schedule("poly", 0.8, train_steps=10, warmup_steps=2)

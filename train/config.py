@@ -151,7 +151,14 @@ def _define_data_flags(fv: dict) -> None:
         "is another digit) and synthetic data.",
         **fv,
     )
-    flags.DEFINE_bool("cache", False, "Cache decoded examples in memory.", **fv)
+    flags.DEFINE_bool(
+        "cache",
+        False,
+        "Keep each split's decoded images in memory after its first pass "
+        "(small datasets); later epochs shuffle them in the first epoch's "
+        "file order.",
+        **fv,
+    )
     flags.DEFINE_string(
         "data_service",
         None,
@@ -290,6 +297,7 @@ def _define_optimizer_flags(fv: dict) -> None:
     flags.DEFINE_bool(
         "clip", False, "LARC: clip the LARS local rate at the global one.", **fv
     )
+    flags.DEFINE_bool("nesterov", False, "Nesterov momentum (LARS, SGD).", **fv)
     flags.DEFINE_bool(
         "exclude_bias_and_norm",
         True,
@@ -452,6 +460,14 @@ _AGREEMENTS = (
         "no deterministic gradient of max pooling)",
     ),
     (
+        ("nesterov", "optimizer", "momentum"),
+        lambda f: (
+            not f["nesterov"]
+            or (f["optimizer"] in ("lars", "sgd") and f["momentum"] > 0)
+        ),
+        "--nesterov needs --optimizer=lars or sgd and --momentum > 0",
+    ),
+    (
         ("holdout_fraction", "source"),
         lambda f: not f["holdout_fraction"] or f["source"] != "tfds",
         "--holdout_fraction is not available with --source=tfds",
@@ -524,6 +540,7 @@ class Config:
     trust_coefficient: float
     epsilon: float
     clip: bool
+    nesterov: bool
     exclude_bias_and_norm: bool
     label_smoothing: float
     # Distribution and numerics.
@@ -820,7 +837,6 @@ RESUMABLE_FLAGS = (
     "trust_ratio_every_steps",
     "max_nonfinite_steps",
     "max_skipped_records",
-    "cache",
     "data_service",
     "strategy",
     "tpu",

@@ -124,13 +124,23 @@ def class_labels(
     return {name: index[name] for name in class_names}
 
 
-def _as_rgb_jpeg(contents: bytes) -> tuple[bytes, int, int]:
-    """(RGB JPEG bytes, height, width): JPEG RGB files are kept byte for byte."""
-    if tf.io.is_jpeg(contents):
+def _as_rgb_jpeg(
+    contents: bytes, shorter_side: int | None = None
+) -> tuple[bytes, int, int]:
+    """(RGB JPEG bytes, height, width). JPEG RGB files are kept byte for byte
+    unless ``shorter_side`` is given: then every image is resized (bilinear,
+    antialiased) so its shorter side has that many pixels, and re-encoded."""
+    if tf.io.is_jpeg(contents) and shorter_side is None:
         height, width, channels = tf.image.extract_jpeg_shape(contents).numpy()
         if channels == 3:
             return contents, int(height), int(width)
     image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    if shorter_side is not None:
+        height, width = image.shape[0], image.shape[1]
+        scale = shorter_side / min(height, width)
+        size = [max(1, round(height * scale)), max(1, round(width * scale))]
+        resized = tf.image.resize(image, size, antialias=True)
+        image = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
     encoded = tf.io.encode_jpeg(image, quality=JPEG_QUALITY).numpy()
     return encoded, int(image.shape[0]), int(image.shape[1])
 
@@ -183,8 +193,10 @@ def convert_split(
     num_shards: int,
     bboxes: dict | None = None,
     seed: int = 0,
+    shorter_side: int | None = None,
 ) -> int:
-    """Writes ``{split}-NNNNN-of-MMMMM`` shards; returns the number of examples."""
+    """Writes ``{split}-NNNNN-of-MMMMM`` shards; returns the number of examples.
+    With ``shorter_side``, images are resized first (``_as_rgb_jpeg``)."""
     if split not in SPLIT_NAMES:
         raise ValueError(f"split must be one of {SPLIT_NAMES}: {split!r}")
     order = list(images)
@@ -197,7 +209,7 @@ def convert_split(
         with tf.io.TFRecordWriter(path) as writer:
             for image_path, class_name in order[shard::num_shards]:
                 with tf.io.gfile.GFile(image_path, "rb") as f:
-                    jpeg, height, width = _as_rgb_jpeg(f.read())
+                    jpeg, height, width = _as_rgb_jpeg(f.read(), shorter_side)
                 filename = os.path.basename(image_path)
                 example = make_example(
                     jpeg,
@@ -227,8 +239,10 @@ def convert(
     max_per_class: int | None = None,
     classes: list[str] | None = None,
     seed: int = 0,
+    shorter_side: int | None = None,
 ) -> dict:
-    """Converts the given splits and writes ``dataset_info.json``; returns it."""
+    """Converts the given splits and writes ``dataset_info.json``; returns it.
+    ``shorter_side``: resize every image so its shorter side is this long."""
     if train_dir is None and validation_dir is None:
         raise ValueError("give train_dir, validation_dir or both")
     synsets = None
@@ -252,7 +266,7 @@ def convert(
             )
         labels = class_labels(all_classes, label_mode, synsets)
         info["num_examples"][split] = convert_split(
-            images, labels, output_dir, split, num_shards, bboxes, seed
+            images, labels, output_dir, split, num_shards, bboxes, seed, shorter_side
         )
     info["num_classes"] = len(synsets) if synsets else len(all_classes)
     info["classes"] = {name: labels[name] for name in all_classes}
@@ -290,6 +304,15 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     )
     flags.DEFINE_list("classes", None, "Convert only these class folders.", **fv)
     flags.DEFINE_integer("seed", 0, "Seed of the shuffle before sharding.", **fv)
+    flags.DEFINE_integer(
+        "shorter_side",
+        None,
+        "Resize every image (bilinear, antialiased) so its shorter side has this "
+        "many pixels, and re-encode it as JPEG; default: keep the images as they "
+        "are. For small-image training (37 gives 32x32 crops of 7/8 of the side).",
+        lower_bound=1,
+        **fv,
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -312,6 +335,7 @@ def main(argv: list[str]) -> None:
         f.max_per_class,
         f.classes,
         f.seed,
+        f.shorter_side,
     )
     print(json.dumps(info["num_examples"]), "examples written to", f.output_dir)
 

@@ -226,7 +226,8 @@ def make_input_fn(
         0..999; 0 keeps them (1001 classes).
       num_classes: labels lie in [0, num_classes) after the offset (default:
         the source's).
-      cache: cache the records in memory (small datasets).
+      cache: keep the decoded images in memory after the first pass (small
+        datasets); later epochs shuffle them in the first epoch's file order.
       deterministic: keep element order fixed through parallel stages, and
         batches independent of the number of input pipelines.
       crop_fraction: evaluation center-crop fraction; default 0.875 for JPEG
@@ -413,19 +414,30 @@ class InputFn:
             return self._synthetic(batch_size, seed, num_pipelines, pipeline_id)
 
         records = self._read(input_context, seed)
-        examples = self._shuffle(self._select(records), seed)
+        examples = self._select(records)
+        # --cache keeps the decoded images: the per-example work of reading
+        # (parsing, decoding, naming skipped records) cost more CPU than
+        # training a small net on 32x32 images, every epoch.
+        decode_once = settings.cache and records.is_encoded
+        if decode_once:
+            examples = self._decode_once(examples, records)
+        examples = self._shuffle(examples, seed)
         keep = (pipeline_id, num_pipelines) if step_aligned else (0, 1)
         examples = self._keep(examples, batch_size, skip_batches, keep)
-        if records.is_encoded:
+        if records.is_encoded and not decode_once:
             examples = self._decode_skipping_bad(examples, records)
-        else:  # Arrays in memory: nothing can fail to decode.
+        else:  # Decoded images in memory: nothing can fail to decode.
             examples = examples.map(
                 lambda example, seed_pair: self._checked(
-                    *self._decoded(example, seed_pair, False), example[1], records
+                    *self._decoded(example, seed_pair, False, records.is_encoded),
+                    example[1],
+                    records,
                 ),
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=settings.deterministic,
             )
+        if decode_once:
+            examples = examples.filter(lambda image, label, is_end: ~is_end)
         return self._batch(examples, batch_size)
 
     # -- Reading ------------------------------------------------------------
@@ -686,8 +698,38 @@ class InputFn:
 
     # -- Decoding -----------------------------------------------------------
 
+    def _decode_once(self, examples: tf.data.Dataset, records: _Records):
+        """The examples with their images decoded whole (not cropped), in
+        order, skipping and naming those that do not decode as
+        ``_decode_skipping_bad`` does: the payloads of decoded images. End
+        markers stay in the stream (dropped after the shuffle), so that the
+        shuffle and the examples' seeds are those of the records."""
+        low = self.source.label_offset
+
+        def decode(example, seed_pair):
+            del seed_pair  # Cropping and augmentation come after the cache.
+            encoded, label, boxes = self._unpack(example[0])
+            image = tf.io.decode_image(
+                encoded, channels=self.source.channels, expand_animations=False
+            )
+            return {"image": image, "boxes": boxes}, label
+
+        no_seed = tf.zeros([2], tf.int64)
+        examples = examples.map(lambda payload, meta: ((payload, meta), no_seed))
+        decoded = self._decode_skipping_bad(examples, records, decode, with_meta=True)
+        return decoded.map(
+            lambda image, label, meta: (
+                {**image, "label": tf.cast(label, tf.int64) + low},
+                meta,
+            )
+        )
+
     def _decode_skipping_bad(
-        self, examples: tf.data.Dataset, records: _Records
+        self,
+        examples: tf.data.Dataset,
+        records: _Records,
+        decode_fn: Callable | None = None,
+        with_meta: bool = False,
     ) -> tf.data.Dataset:
         """Decoded examples, without those whose image fails to decode: they
         are named on stderr and counted, and more than ``max_skipped_records``
@@ -698,7 +740,14 @@ class InputFn:
         no trace of it; so every example carries its position and the keys of
         the ``_NAMES_KEPT`` before it, the decode keeps the order, and a gap in
         the positions afterwards names what was dropped.
+
+        ``decode_fn(example, seed_pair) -> (image, stored label)`` decodes
+        (default: ``_decoded``, which crops); ``with_meta`` yields each
+        example's meta in place of its end flag, end markers included.
         """
+        decode_fn = decode_fn or (
+            lambda example, seed_pair: self._decoded(example, seed_pair, True)
+        )
         self._make_skip_state()
         skipped, unnamed = self._skipped, self._unnamed
 
@@ -710,7 +759,7 @@ class InputFn:
 
         def decode(example_and_seed, position, keys_before):
             example, seed_pair = example_and_seed
-            image, label = self._decoded(example, seed_pair, True)
+            image, label = decode_fn(example, seed_pair)
             return image, label, example[1], position, keys_before
 
         def gap(last_position, element):
@@ -745,7 +794,9 @@ class InputFn:
                 )
 
             with tf.control_dependencies([tf.cond(fine, tf.no_op, check)]):
-                return tf.identity(image), tf.cast(label - low, tf.int32), meta["end"]
+                image = tf.nest.map_structure(tf.identity, image)
+                label = tf.cast(label - low, tf.int32)
+                return image, label, meta if with_meta else meta["end"]
 
         start = (tf.constant(0, tf.int64), tf.fill([_NAMES_KEPT], records.no_key))
         examples = examples.scan(start, remember)
@@ -753,15 +804,19 @@ class InputFn:
             decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         ).ignore_errors()
         examples = examples.scan(tf.constant(-1, tf.int64), gap).map(account)
+        if with_meta:
+            return examples
         return examples.filter(lambda image, label, is_end: tf.logical_not(is_end))
 
-    def _decoded(self, example, seed_pair, is_encoded: bool):
-        """(image, stored label) of one example."""
+    def _decoded(self, example, seed_pair, is_encoded: bool, photo: bool | None = None):
+        """(image, stored label) of one example; ``photo`` (default:
+        ``is_encoded``) says whether it is a photograph (center-cropped for
+        evaluation) or a small decoded image (not)."""
         image, label, boxes = self._unpack(example[0])
         settings = self.settings
         crop_fraction = settings.crop_fraction
         if crop_fraction is None:  # Small decoded images are not center-cropped.
-            crop_fraction = 0.875 if is_encoded else 1.0
+            crop_fraction = 0.875 if (is_encoded if photo is None else photo) else 1.0
         image = preprocessing.preprocess_image(
             image,
             is_encoded=is_encoded,
@@ -863,7 +918,8 @@ class InputFn:
     def _unpack(self, payload: dict) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """(image, label, boxes [1, N, 4]) of a record's payload."""
         if "record" not in payload:
-            return payload["image"], payload["label"], tf.zeros([1, 0, 4])
+            boxes = payload.get("boxes", tf.zeros([1, 0, 4]))
+            return payload["image"], payload["label"], boxes
         # Only the "extended" training crop reads the boxes.
         with_boxes = self.settings.training and self.settings.augmentation == "extended"
         return parse_image_record(payload["record"], with_boxes)

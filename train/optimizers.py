@@ -152,6 +152,7 @@ def build_optimizer(config: Config, model: keras.Model) -> keras.optimizers.Opti
         trust_coefficient=config.trust_coefficient,
         epsilon=config.epsilon,
         clip=config.clip,
+        nesterov=config.nesterov,
         exclude=lars_tf.exclude_bias_and_norm if config.exclude_bias_and_norm else None,
         loss_scale=config.precision == "mixed_float16",
     )

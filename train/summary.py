@@ -27,6 +27,8 @@ class Progress:
     train_logs: dict = dataclasses.field(default_factory=dict)
     eval_logs: dict = dataclasses.field(default_factory=dict)  # Tuning split's.
     eval_step: int | None = None  # Of `eval_logs`, when evaluated in this start.
+    # This start's evaluations during training: {"step", "train", <split>}.
+    history: list = dataclasses.field(default_factory=list)
     # The end's other figures: "eval" (the validation split) when a held-out
     # split is the tuning one, "<split>_moving_bn" before precise BN.
     final_logs: dict = dataclasses.field(default_factory=dict)
@@ -127,6 +129,14 @@ def summary(
         # The latest figures; a segment that trained no step keeps the last.
         "train": progress.train_logs or previous.get("train", {}),
         **evaluations(config, progress, previous),
+        # Every evaluation during training, with the training figures of the
+        # loop before it; those a resumed start redid are the new start's.
+        "history": [
+            entry
+            for entry in previous.get("history", [])
+            if entry["step"] <= progress.start_step
+        ]
+        + progress.history,
         "nonfinite_steps": sum(s["nonfinite_steps"] for s in segments),
         "skipped_records": {
             split: sum(s.get("skipped_records", {}).get(split, 0) for s in segments)

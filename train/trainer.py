@@ -440,8 +440,12 @@ def _after_loop(parts: _Run, progress: summary_lib.Progress) -> None:
         and config.eval_every_steps
         and step % config.eval_every_steps == 0
     ):
-        progress.eval_logs = _evaluate(parts, step, _tuning_split(config))
+        split = _tuning_split(config)
+        progress.eval_logs = _evaluate(parts, step, split)
         progress.eval_step = step
+        progress.history.append(
+            {"step": step, "train": progress.train_logs, split: progress.eval_logs}
+        )
     if step % config.checkpoint_every_steps == 0 or step == config.train_steps:
         _save(parts, progress)
     if step % config.steps_per_epoch == 0:
