@@ -3,32 +3,32 @@
 The paper (You, Gitman & Ginsburg 2017) claims that linear learning-rate scaling
 with warm-up loses accuracy as the batch grows, while LARS keeps it. This script
 tests the claim on MNIST and on Imagenette at 32x32 with the small nets of
-``train/models.py`` (STUDY.md has the protocol and the results)::
+``train/models.py`` (STUDY.md has the protocol, the pre-registered residual-net
+test ``--part=imagenette32_resnet8``, and the results)::
 
-    python -m experiments.large_batch_study --fair --precise_bn --batch_sizes=128,8192
-    python -m experiments.large_batch_study --fair --precise_bn --dry_run  # pending
-    python -m experiments.large_batch_study --report                      # tables
+    python -m experiments.large_batch_study --batch_sizes=128,8192
+    python -m experiments.large_batch_study --dry_run  # pending runs
+    python -m experiments.large_batch_study --report          # tables
 
-``--fair``: a fixed 10% of the training set (MNIST's, or Imagenette's with
-``--part=imagenette32`` or ``imagenette``) is held out, every optimizer's rate
-and warm-up is chosen on it with the same budget (``select_on_validation``;
-above the base batch the rates span square-root to linear scaling of the base
-batch's choice), the chosen setting is repeated over seeds, and the test set is
-read once per run, at its end. The schedule is a linear warm-up from 0 to the
-peak rate ``base_lr * batch / base_batch``, then poly(2) decay to 0; no weight
-decay. For a given seed every optimizer starts from the same weights and sees
-the same examples in the same order.
+The fair protocol: a fixed 10% of the part's training set is held out, every
+optimizer's rate and warm-up is chosen on it with the same budget (the part's
+``PartSettings``; ``select_on_validation``; above the base batch the rates
+scale the base batch's choice), the chosen setting is repeated over fresh
+seeds, and the test set is read once per run, at its end. The schedule is a
+linear warm-up from 0 to the peak rate ``base_lr * batch / base_batch``, then
+poly(2) decay to 0. For a given seed every optimizer starts from the same
+weights and sees the same examples in the same order.
 
-Each finished run writes ``<output_dir>/runs/<run_id>.json`` (config, per-epoch
-held-out top-1, final held-out and test top-1, diverged flag, wall time, and
-``run_record``: commit, versions, command, budget). Runs whose JSON exists are
-skipped, so the study can be stopped and restarted at any time; ``--report``
-rebuilds the markdown tables from the JSONs alone, with the budget replayed on
-them (``budget_run_ids``). The JSONs of the study's first protocol (LARS's rate
-chosen on the test set, ids without ``_val``) are tabled and plotted by
-``--report`` too; their runner is gone (git history has it).
-
-Matplotlib is needed for ``--report`` only (``pip install lars-tf[study]``).
+Every run trains through the app: ``train_one`` builds the ``Config`` that
+``python -m train.main`` would (``app_flags``: ``--holdout_fraction=0.1
+--holdout_seed=2017``, ``--precise_bn_examples``, ``--cache``,
+``--deterministic``) and calls ``train.trainer.run``. Each finished run
+writes ``<output_dir>/runs/<run_id>.json`` (config, per-epoch held-out top-1,
+final held-out and test top-1, diverged flag, wall time, and ``run_record``:
+commit, versions, command, budget). Runs whose JSON exists are skipped, so the
+study can be stopped and restarted at any time; ``--report`` rebuilds the
+markdown tables from the JSONs alone, with the budget replayed on them
+(``budget_run_ids``).
 """
 
 import dataclasses
@@ -42,66 +42,79 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 
-import numpy as np
 from absl import app, flags, logging
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = (
-    "mnist",
-    "imagenette",
-    "imagenette32",
-    "tfds_mnist",
-    "tfds_fashion_mnist",
-    "tfds_cifar10",
-)
 # "nesterov" (Keras SGD with Nesterov momentum) and "lamb" (Keras Lamb) are the
 # peers of the fair protocol's reality check (Nado et al. 2021).
 OPTIMIZERS = ("sgd", "lars", "nesterov", "lamb")
-EVAL_BATCH_SIZE = 1000
 # Training examples whose statistics --precise_bn averages (whole batches).
 PRECISE_BN_EXAMPLES = 4096
 # A run whose final test top-1 is at most this multiple of chance learned nothing.
 DIVERGED_CHANCE_MULTIPLE = 2.0
+# Base rates tried at the base batch, per optimizer: three, a factor 4 apart,
+# around the rate known to train there. Lamb's relative step (rate x ||w||) is
+# LARS's (rate x eta x ||w||) with eta = 0.001, hence LARS's grid / 1000.
+BASE_RATE_GRIDS = {
+    "sgd": (0.0125, 0.05, 0.2),
+    "nesterov": (0.0125, 0.05, 0.2),
+    "lars": (1.0, 4.0, 16.0),
+    "lamb": (0.001, 0.004, 0.016),
+}
+
+
+def _round_rate(rate: float) -> float:
+    """Four significant digits: a rate computed twice gives the same run id."""
+    return float(f"{rate:.4g}")
 
 
 @dataclasses.dataclass(frozen=True)
 class PartSettings:
-    """The defaults of one part of the study (each can be overridden by a flag)."""
+    """The defaults of one part of the study (each can be overridden by a
+    flag), and its selection budget (``select_on_validation``)."""
 
     source: str  # train.data source name
-    tfds_name: str | None  # For source "tfds".
     image_size: int
     augmentation: str
     base_batch_size: int  # The batch the base rates refer to.
     batch_sizes: tuple[int, ...]
     epochs: int
     repeat_seeds: tuple[int, ...]
+    # The budget: the grid's warm-up first, then the others at the best rate.
+    warmups: tuple[float, ...]
+    base_rate_grids: dict = dataclasses.field(default_factory=lambda: BASE_RATE_GRIDS)
+    # Above the base batch: base rates choice * k**e for k = batch / base.
+    scaled_exponents: tuple[float, ...] = (-0.5, -0.25, 0.0)
+    max_extensions: int = 1  # Rates added past an edge while the best is on it.
+    model: str = "small_alexnet_bn"
+    precise_bn: bool = False
+    weight_decay: float = 0.0
+    exclude_bias_and_norm: bool = False
 
 
 PART_SETTINGS = {
     "mnist": PartSettings(
         source="mnist",
-        tfds_name=None,
         image_size=28,
         augmentation="none",
         base_batch_size=128,
         batch_sizes=(128, 512, 2048, 4096, 8192),
         epochs=3,
         repeat_seeds=(1, 2),
+        warmups=(1.0, 2.0),
     ),
     # 9,469 training images: batch 2048 is 4 steps an epoch, 32x the base.
     "imagenette": PartSettings(
         source="imagenet",
-        tfds_name=None,
         image_size=64,
         augmentation="minimal",
         base_batch_size=64,
         batch_sizes=(64, 2048),
         epochs=10,
         repeat_seeds=(),
+        warmups=(2.0, 5.0),
     ),
 }
 # Imagenette at 32x32: a quarter of the 64x64 part's compute per image, so the
@@ -109,28 +122,36 @@ PART_SETTINGS = {
 PART_SETTINGS["imagenette32"] = dataclasses.replace(
     PART_SETTINGS["imagenette"], image_size=32, repeat_seeds=(1, 2)
 )
-# For machines where TFDS can download: the MNIST grid on TFDS's copy of MNIST,
-# Fashion-MNIST or CIFAR-10 (prepared beforehand; the input pipeline never
-# downloads). CIFAR-10 gets 32x32 images and the minimal augmentation.
-for _name in ("mnist", "fashion_mnist", "cifar10"):
-    PART_SETTINGS[f"tfds_{_name}"] = dataclasses.replace(
-        PART_SETTINGS["mnist"],
-        source="tfds",
-        tfds_name=_name,
-        image_size=32 if _name == "cifar10" else 28,
-        augmentation="minimal" if _name == "cifar10" else "none",
-    )
+# The pre-registered residual-net test (STUDY.md): rates r0 * 32**e at the
+# base batch, r64 * 32**e (no scaling to linear) at 2048, grid step 32**0.25.
+PART_SETTINGS["imagenette32_resnet8"] = dataclasses.replace(
+    PART_SETTINGS["imagenette32"],
+    epochs=40,
+    repeat_seeds=(1, 2, 3),
+    warmups=(5.0, 2.0, 10.0),
+    base_rate_grids={
+        optimizer: tuple(_round_rate(r0 * 32**e) for e in (-0.5, -0.25, 0, 0.25, 0.5))
+        for optimizer, r0 in (("sgd", 0.1), ("lars", 4.0))
+    },
+    scaled_exponents=(-1.0, -0.75, -0.5, -0.25, 0.0),
+    max_extensions=3,
+    model="resnet8",
+    precise_bn=True,
+    weight_decay=1e-4,
+    exclude_bias_and_norm=True,
+)
+PARTS = tuple(PART_SETTINGS)
 
 
-def default_part_data_dir(part: str, shared_data_dir: str) -> str | None:
+def default_part_data_dir(part: str, shared_data_dir: str) -> str:
     """MNIST's IDX files in the shared data folder; for Imagenette, the TFRecords
-    that ``train.convert_images`` writes into the git-ignored ``runs/`` (STUDY.md
-    has the command); None (TFDS's default folder) for the TFDS parts."""
-    if part == "mnist":
+    of images resized to ``stored_image_size`` that ``train.convert_images``
+    writes into the git-ignored ``runs/`` (STUDY.md has the command)."""
+    settings = PART_SETTINGS[part]
+    if settings.source == "mnist":
         return os.path.join(shared_data_dir, "mnist")
-    if part.startswith("imagenette"):
-        return os.path.join(REPO_ROOT, "runs", "imagenette_records")
-    return None  # TFDS's own default data dir.
+    side = stored_image_size(settings.image_size)
+    return os.path.join(REPO_ROOT, "runs", f"imagenette{side}")
 
 
 FLAGS = flags.FLAGS
@@ -161,14 +182,15 @@ def _define_data_flags() -> None:
     flags.DEFINE_string(
         "part_data_dir",
         None,
-        "The part's own data folder; default <data_dir>/mnist, "
-        "runs/imagenette_records for Imagenette, TFDS's data dir for tfds_*.",
+        "The part's own data folder; default <data_dir>/mnist, and for "
+        "Imagenette runs/imagenetteN (the images resized to N pixels: "
+        "train.convert_images --shorter_side=N; STUDY.md has the command).",
     )
 
 
 def _define_run_flags() -> None:
     """The runs' model, batches, length and optimizer settings."""
-    flags.DEFINE_string("model", "small_alexnet_bn", "train.models model name.")
+    flags.DEFINE_string("model", None, "train.models model name; default per part.")
     flags.DEFINE_list("batch_sizes", None, "Batch sizes; default per part.")
     flags.DEFINE_integer(
         "base_batch_size", None, "Batch the base rates refer to; default per part."
@@ -177,7 +199,7 @@ def _define_run_flags() -> None:
     flags.DEFINE_float(
         "warmup_epochs",
         None,
-        "The only warm-up tried (epochs); default the part's WARMUP_CHOICES.",
+        "The only warm-up tried (epochs); default the part's warm-ups.",
     )
     flags.DEFINE_float("momentum", 0.9, "Momentum of both optimizers.")
     flags.DEFINE_float("trust_coefficient", 0.001, "LARS trust coefficient (eta).")
@@ -190,50 +212,44 @@ def _define_run_flags() -> None:
     flags.DEFINE_integer(
         "train_examples", None, "Train on this many examples per epoch (smoke runs)."
     )
-    flags.DEFINE_integer(
-        "eval_examples", None, "Evaluate on this many test examples (smoke runs)."
-    )
     flags.DEFINE_bool(
         "precise_bn",
-        False,
+        None,
         "Test with BN statistics recomputed on training batches after training "
-        "(the moving averages' result is kept as final_top1_moving_bn).",
+        "(the moving averages' result is kept as final_val_top1_moving_bn); "
+        "default per part.",
     )
 
 
 def _define_protocol_flags() -> None:
     """The fair protocol's choices, and the dry-run and report modes."""
-    flags.DEFINE_bool(
-        "fair",
-        False,
-        "The fair protocol: hold out a split of the training set, choose every "
-        "optimizer's rate and warm-up on it with the same budget, then repeat "
-        "the choice over --repeat_seeds; --batch_sizes run in the order given "
-        "(the base batch first: the others' rate grids scale its choice).",
-    )
     flags.DEFINE_list(
-        "optimizers", ["sgd", "lars"], f"With --fair: any of {', '.join(OPTIMIZERS)}."
+        "optimizers",
+        ["sgd", "lars"],
+        f"Any of {', '.join(OPTIMIZERS)}; each chooses its rate and warm-up on "
+        "the held-out split with the same budget, then repeats the choice over "
+        "--repeat_seeds.",
     )
     flags.DEFINE_float(
         "fixed_base_lr",
         None,
-        "With --fair: no selection; this base rate with --warmup_epochs, over "
+        "No selection; this base rate with --warmup_epochs, over "
         "--seed and --repeat_seeds (a check outside the equal budget).",
     )
     flags.DEFINE_integer(
         "base_epochs",
         None,
-        "With --fair: the base batch trains this many epochs (its rate chosen "
+        "The base batch trains this many epochs (its rate chosen "
         "at that length) while the other batches train --epochs (default: the "
         "same), as in the paper's Table 5.",
         lower_bound=1,
     )
     flags.DEFINE_bool("dry_run", False, "Print the pending runs and exit.")
-    flags.DEFINE_bool("report", False, "Rebuild tables and plots from the JSONs only.")
+    flags.DEFINE_bool("report", False, "Rebuild the tables from the JSONs only.")
     flags.DEFINE_string(
         "report_dir",
         os.path.join(REPO_ROOT, "experiments", "results"),
-        "Where --report writes <part>.md and the PNG plots.",
+        "Where --report writes <part>.md.",
     )
 
 
@@ -263,8 +279,13 @@ class RunConfig:
     precise_bn: bool = False
     # Train on the part's training set less a fixed held-out split, test per
     # epoch on that split (what the fair protocol selects on), and test on the
-    # test set once, at the end (``held_out_split``).
+    # test set once, at the end (the app's --holdout_fraction).
     validation: bool = False
+    # The app's meaning: inside the trust ratio for LARS, an L2 term for SGD.
+    weight_decay: float = 0.0
+    # Biases and BN parameters neither decayed nor adapted (the app's default;
+    # the study's first parts adapted them).
+    exclude_bias_and_norm: bool = False
 
     @property
     def run_id(self) -> str:
@@ -281,6 +302,10 @@ class RunConfig:
             run_id += "_pbn"
         if self.validation:
             run_id += "_val"
+        if self.weight_decay:
+            run_id += f"_wd{self.weight_decay:g}"
+        if self.exclude_bias_and_norm:
+            run_id += "_xbn"
         return run_id
 
     @property
@@ -324,195 +349,136 @@ def load_summaries(output_dir: str) -> list[dict]:
 
 
 def train_one(config: RunConfig, data_dir: str | None) -> dict:
-    """Trains one configuration and returns its summary (see the module doc)."""
-    import keras
+    """Trains one configuration through the app (``train.trainer.run``, the
+    ``Config`` that ``python -m train.main`` builds from ``app_flags``) in a
+    temporary model folder, and returns the run's summary (see the module doc)."""
+    import tempfile
 
+    import train
+    from train import config as app_config
+    from train import trainer
+
+    with tempfile.TemporaryDirectory(prefix="lars_tf_study_") as model_dir:
+        app = app_config.make_config(**app_flags(config, data_dir, model_dir))
+        params = count_trainable_params(config.model, config.part, data_dir)
+        if config.model_params and params != config.model_params:
+            raise RuntimeError(
+                f"{config.model} has {params} trainable parameters, the study was "
+                f"set up for {config.model_params}: train/models.py changed; restart"
+            )
+        start = time.perf_counter()
+        try:
+            result = trainer.run(app)
+        except train.RunError as error:  # --max_nonfinite_steps in a row.
+            logging.warning("%s: %s", config.run_id, error)
+            result = None
+        wall_time = time.perf_counter() - start
+    return _study_summary(config, app, result, wall_time)
+
+
+def app_flags(config: RunConfig, data_dir: str | None, model_dir: str) -> dict:
+    """The app's flags of a run: the part's data less its held-out split, the
+    paper's schedule (linear warm-up from 0, poly(2) decay to 0), one
+    evaluation of the held-out split per epoch and of the test set (the app's
+    validation split) at the end, deterministic data order and ops."""
+    if not config.validation or config.eval_examples:
+        raise ValueError(
+            f"{config.run_id}: the study trains with its held-out split and the "
+            "whole test set only (validation=True, eval_examples=None)"
+        )
+    settings = PART_SETTINGS[config.part]
+    optimizer = {"nesterov": "sgd"}.get(config.optimizer, config.optimizer)
+    examples = _train_examples(config.part, data_dir)
+    trained_on = examples - round(VALIDATION_FRACTION * examples)
+    # A smoke run's epoch (train_examples) in the app's epochs of trained_on.
+    steps_per_epoch = (config.train_examples or trained_on) // config.batch_size
+    epoch = steps_per_epoch / max(1, trained_on // config.batch_size)
+    return dict(
+        source=settings.source,
+        data_dir=data_dir,
+        image_size=settings.image_size,
+        augmentation=settings.augmentation,
+        cache=True,
+        holdout_fraction=VALIDATION_FRACTION,
+        holdout_seed=VALIDATION_SPLIT_SEED,
+        model=config.model,
+        global_batch_size=config.batch_size,
+        train_steps=config.epochs * steps_per_epoch,
+        optimizer=optimizer,
+        nesterov=config.optimizer == "nesterov",
+        base_learning_rate=config.base_lr,
+        base_batch_size=config.base_batch_size,
+        lr_scaling="linear",
+        warmup_epochs=config.warmup_epochs * epoch,
+        lr_schedule="poly",
+        poly_power=2.0,
+        end_learning_rate=0.0,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        trust_coefficient=config.trust_coefficient,
+        # Keras Lamb's default, which the recorded Lamb runs used.
+        epsilon=1e-7 if optimizer == "lamb" else 0.0,
+        exclude_bias_and_norm=config.exclude_bias_and_norm,
+        deterministic=True,  # Same data order for every optimizer.
+        seed=config.seed,
+        model_dir=model_dir,
+        epochs_between_evals=epoch,
+        checkpoint_every_steps=config.epochs * steps_per_epoch,
+        keep_checkpoints=1,
+        steps_per_loop=steps_per_epoch,
+        log_every_steps=steps_per_epoch,
+        precise_bn_examples=PRECISE_BN_EXAMPLES if config.precise_bn else 0,
+    )
+
+
+@functools.cache
+def _train_examples(part: str, data_dir: str | None) -> int:
+    """The number of examples of ``part``'s training set (held-out split included)."""
     from train import sources
 
-    settings = PART_SETTINGS[config.part]
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(config.seed)
-    info = sources.describe(settings.source, data_dir, settings.tfds_name)
-    train_data, eval_data, test_data, steps_per_epoch = _run_data(
-        config, settings, info, data_dir
-    )
-    model = _compiled_model(
-        config, settings, info, config.epochs * steps_per_epoch, steps_per_epoch
-    )
-    start = time.perf_counter()
-    history = model.fit(
-        train_data,
-        epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=eval_data,
-        callbacks=[keras.callbacks.TerminateOnNaN()],
-        verbose=2,
-    ).history
-    wall_time = time.perf_counter() - start
-    test_top1 = [float(x) for x in history.get("val_top1", [])]
-    train_loss = [float(x) for x in history.get("loss", [])]
-    loss_not_finite = any(not math.isfinite(x) for x in train_loss)
+    settings = PART_SETTINGS[part]
+    return sources.describe(settings.source, data_dir).train_examples
 
-    def top1(dataset) -> float:
-        return float(model.evaluate(dataset, verbose=0, return_dict=True)["top1"])
 
-    if loss_not_finite or len(test_top1) < config.epochs:
-        # TerminateOnNaN stopped the run inside an epoch: test the final weights.
-        final_top1 = top1(eval_data)
+def _study_summary(
+    config: RunConfig, app, result: dict | None, wall_time: float
+) -> dict:
+    """The study's summary of a run from the app's summary.json contents
+    (``result``; None for a run stopped by non-finite steps, which counts as
+    chance)."""
+    chance = 1.0 / app.num_classes
+    steps_per_epoch = app.train_steps // config.epochs
+    history = (result or {}).get("history", [])
+    val_curve = [entry["holdout"]["top1"] for entry in history]
+    train_loss = [entry["train"]["loss"] for entry in history]
+    if result is None:
+        final_val = final_test = chance
+        moving_bn = None
     else:
-        final_top1 = test_top1[-1]
-    moving_bn_top1 = None
-    if config.precise_bn and not loss_not_finite:
-        moving_bn_top1 = final_top1
-        batches = -(-PRECISE_BN_EXAMPLES // config.batch_size)
-        recompute_bn_statistics(model, train_data, batches)
-        final_top1 = top1(eval_data)
-    chance = 1.0 / info.num_classes
-    summary = {
+        final_val = result["holdout"]["top1"]
+        final_test = result["eval"]["top1"]
+        moving_bn = result.get("holdout_moving_bn", {}).get("top1")
+    loss_not_finite = result is None or any(not math.isfinite(x) for x in train_loss)
+    return {
         "run_id": config.run_id,
         "config": dataclasses.asdict(config),
         "peak_lr": config.peak_lr,
         "steps_per_epoch": steps_per_epoch,
-        "train_steps": config.epochs * steps_per_epoch,
-        "test_top1_per_epoch": test_top1,
+        "train_steps": app.train_steps,
+        "val_top1_per_epoch": val_curve,
         "train_loss_per_epoch": train_loss,
-        "final_top1": final_top1,
-        "final_top1_moving_bn": moving_bn_top1,  # With --precise_bn only.
-        "best_top1": max(test_top1 + [final_top1]),
-        "diverged": loss_not_finite or final_top1 <= DIVERGED_CHANCE_MULTIPLE * chance,
+        "final_val_top1": final_val,
+        "final_val_top1_moving_bn": moving_bn,  # With precise_bn only.
+        "best_val_top1": max(val_curve + [final_val]),
+        "final_test_top1": final_test,
+        "val_examples": None if result is None else result["holdout"]["examples"],
+        "test_examples": None if result is None else result["eval"]["examples"],
+        "diverged": loss_not_finite or final_val <= DIVERGED_CHANCE_MULTIPLE * chance,
         "loss_not_finite": loss_not_finite,
+        "nonfinite_steps": None if result is None else result["nonfinite_steps"],
         "wall_time_s": wall_time,
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if test_data is not None:
-        # What was tested per epoch is the held-out split: name it so, and
-        # test on the test set once, with the final (BN-recomputed) weights.
-        for old, new in VALIDATION_KEYS.items():
-            summary[new] = summary.pop(old)
-        summary["final_test_top1"] = top1(test_data)
-    return summary
-
-
-def _run_data(config: RunConfig, settings: PartSettings, info, data_dir: str | None):
-    """The run's (train, eval, test or None) datasets and its steps per epoch."""
-    from train import data
-
-    split = held_out_split(config.part, data_dir) if config.validation else None
-    num_train = len(split.train_labels) if split else info.train_examples
-    train_examples = config.train_examples or num_train
-    steps_per_epoch = train_examples // config.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"batch {config.batch_size} is larger than the {train_examples} "
-            "training examples"
-        )
-    common = dict(
-        source=settings.source,
-        tfds_name=settings.tfds_name,
-        data_dir=data_dir,
-        image_size=settings.image_size,
-        augmentation=settings.augmentation,
-        seed=config.seed,
-        deterministic=True,  # Same data order for SGD and LARS.
-    )
-    eval_batch = min(EVAL_BATCH_SIZE, config.eval_examples or EVAL_BATCH_SIZE)
-    if split is None:
-        train_data = data.make_input_fn(
-            split="train",
-            global_batch_size=config.batch_size,
-            # The whole training set, so an epoch is a true random permutation.
-            shuffle_buffer_size=info.train_examples,
-            **common,
-        )()
-        eval_data = data.make_input_fn(
-            split="validation", global_batch_size=eval_batch, **common
-        )()
-        test_data = None
-    else:  # Fit on split.train, select on split.val, test on the test set once.
-        train_data = split.batches("train", config.batch_size, config.seed)
-        eval_data = split.batches("val", eval_batch)
-        test_data = split.batches("test", eval_batch)
-    if config.eval_examples:
-        eval_data = eval_data.take(config.eval_examples // eval_batch)
-        if test_data is not None:
-            test_data = test_data.take(config.eval_examples // eval_batch)
-    return train_data, eval_data, test_data, steps_per_epoch
-
-
-def _compiled_model(
-    config: RunConfig,
-    settings: PartSettings,
-    info,
-    train_steps: int,
-    steps_per_epoch: int,
-):
-    """The run's model, compiled with the app's schedule and optimizer: the
-    paper's poly-2 decay after a linear warm-up; no weight decay."""
-    import keras
-
-    from train import models, optimizers
-
-    model = models.build_model(
-        config.model, info.num_classes, settings.image_size, info.channels
-    )
-    params = sum(math.prod(v.shape) for v in model.trainable_variables)
-    if config.model_params and params != config.model_params:
-        raise RuntimeError(
-            f"{config.model} has {params} trainable parameters, the study was set "
-            f"up for {config.model_params}: train/models.py changed; restart"
-        )
-    schedule = optimizers.make_schedule(
-        "poly",
-        config.peak_lr,
-        train_steps,
-        round(config.warmup_epochs * steps_per_epoch),
-        power=2.0,
-    )
-    optimizer = optimizers.make_optimizer(
-        "sgd" if config.optimizer == "nesterov" else config.optimizer,
-        schedule,
-        model.trainable_variables,
-        momentum=config.momentum,  # Lamb's beta_1.
-        trust_coefficient=config.trust_coefficient,
-        # Keras Lamb's default, which the recorded Lamb runs used.
-        epsilon=1e-7 if config.optimizer == "lamb" else 0.0,
-        nesterov=config.optimizer == "nesterov",
-    )
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1")],
-    )
-    return model
-
-
-def recompute_bn_statistics(model, train_data, batches: int) -> None:
-    """Sets every BatchNormalization layer's moving mean and variance to the
-    average over ``batches`` training batches of the batch statistics, computed
-    with the final weights (a training-mode forward pass with momentum 0 per
-    batch; the weights do not change)."""
-    import keras
-
-    layers = [
-        layer
-        for layer in model.layers
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-    if not layers:
-        return
-    momenta = [layer.momentum for layer in layers]
-    sums = [[0.0, 0.0] for _ in layers]
-    for images, _ in train_data.take(batches):
-        for layer in layers:
-            layer.momentum = 0.0
-        model(images, training=True)
-        for total, layer in zip(sums, layers, strict=True):
-            total[0] += layer.moving_mean.numpy()
-            total[1] += layer.moving_variance.numpy()
-    for total, layer, momentum in zip(sums, layers, momenta, strict=True):
-        layer.moving_mean.assign(total[0] / batches)
-        layer.moving_variance.assign(total[1] / batches)
-        layer.momentum = momentum
 
 
 def _git(*args: str) -> str | None:
@@ -586,115 +552,11 @@ def run_if_missing(
 # A fixed 10% of the training set, never trained on in the fair protocol.
 VALIDATION_FRACTION = 0.1
 VALIDATION_SPLIT_SEED = 2017
-# The summary keys of a run with a held-out split: what train_one tested per
-# epoch is that split, not the test set.
-VALIDATION_KEYS = {
-    "test_top1_per_epoch": "val_top1_per_epoch",
-    "final_top1": "final_val_top1",
-    "final_top1_moving_bn": "final_val_top1_moving_bn",
-    "best_top1": "best_val_top1",
-}
-# Base rates tried at the base batch, per optimizer: three, a factor 4 apart,
-# around the rate known to train there. Lamb's relative step (rate x ||w||) is
-# LARS's (rate x eta x ||w||) with eta = 0.001, hence LARS's grid / 1000.
-BASE_RATE_GRIDS = {
-    "sgd": (0.0125, 0.05, 0.2),
-    "nesterov": (0.0125, 0.05, 0.2),
-    "lars": (1.0, 4.0, 16.0),
-    "lamb": (0.001, 0.004, 0.016),
-}
 # Above the base batch, an optimizer's rate grid scales the base-batch choice
 # of the optimizer named here (itself when absent): heavy-ball and Nesterov
 # momentum share one rate scale, so Nesterov needs no base-batch selection of
 # its own (it would cost as many runs as the large batch's).
 RATE_ANCHOR = {"nesterov": "sgd"}
-# Warm-up lengths tried (epochs), per part the fair protocol runs on (those
-# whose training set ``held_out_split`` can cut): the study's first one, then
-# a longer one.
-WARMUP_CHOICES = {
-    "mnist": (1.0, 2.0),
-    "imagenette": (2.0, 5.0),
-    "imagenette32": (2.0, 5.0),
-}
-FAIR_PARTS = tuple(WARMUP_CHOICES)
-
-
-@dataclasses.dataclass(frozen=True)
-class HeldOutSplit:
-    """A part's training set cut into ``train`` and ``val`` (``VALIDATION_FRACTION``,
-    fixed by ``VALIDATION_SPLIT_SEED``), and its test set, as uint8 arrays.
-
-    With ``image_size`` set, the stored images are larger and every batch crops
-    them with ``train.preprocessing``: at random with ``augmentation`` for
-    "train", in the center for "val" and "test".
-    """
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    val_images: np.ndarray
-    val_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    mean: tuple[float, ...]
-    stddev: tuple[float, ...]
-    image_size: int | None = None  # None: the stored images as they are.
-    augmentation: str = "none"
-
-    def batches(self, subset: str, batch_size: int, seed: int | None = None):
-        """Normalized (images, labels) batches of ``subset`` ("train", "val" or
-        "test"); for "train" an endless stream, reshuffled every epoch from
-        ``seed`` (so every optimizer sees the same examples in the same order,
-        cropped and flipped the same way) and without a partial last batch, as
-        ``train.data``'s pipeline does."""
-        import tensorflow as tf
-
-        from train import preprocessing
-
-        images = getattr(self, f"{subset}_images")
-        labels = getattr(self, f"{subset}_labels").astype("int32")
-        examples = tf.data.Dataset.from_tensor_slices((images, labels))
-        training = subset == "train"
-        if training:
-            examples = examples.shuffle(len(labels), seed=seed).repeat()
-        if self.image_size is not None:
-            randomize = training and self.augmentation != "none"
-            example_seeds = tf.data.Dataset.random(seed=seed).batch(2)
-
-            def crop(example, example_seed):
-                image = preprocessing.preprocess_image(
-                    example[0],
-                    is_encoded=False,
-                    image_size=self.image_size,
-                    training=training,
-                    augmentation=self.augmentation,
-                    seed=example_seed if randomize else None,
-                    channels=images.shape[-1],
-                    crop_fraction=preprocessing.MINIMAL_CROP_FRACTION,
-                )
-                return image, example[1]
-
-            examples = tf.data.Dataset.zip((examples, example_seeds)).map(
-                crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-            )
-        return (
-            examples.batch(batch_size, drop_remainder=training)
-            .map(
-                lambda x, y: (preprocessing.normalize(x, self.mean, self.stddev), y),
-                num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True,
-            )
-            .prefetch(tf.data.AUTOTUNE)
-        )
-
-
-def validation_split_indices(
-    num_examples: int, fraction: float = VALIDATION_FRACTION
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, validation indices): a fixed random ``fraction`` of
-    ``range(num_examples)`` is held out; both sorted, disjoint, covering all."""
-    order = np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(num_examples)
-    held_out = round(fraction * num_examples)
-    return np.sort(order[held_out:]), np.sort(order[:held_out])
 
 
 def stored_image_size(image_size: int) -> int:
@@ -710,86 +572,18 @@ def stored_image_size(image_size: int) -> int:
     return side
 
 
-def read_image_records(
-    data_dir: str, split: str, side: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(images [N, side, side, 3] uint8, 0-based labels [N]) of a split of
-    ImageNet-format TFRecords (``train.convert_images``), in file order: every
-    image decoded once and resized whole, with antialiasing, to side x side."""
-    import tensorflow as tf
-
-    from train import data, sources
-
-    label_offset = sources.describe("imagenet", data_dir).label_offset
-
-    def decode(record):
-        encoded, label, _ = data.parse_image_record(record, with_boxes=False)
-        image = tf.image.resize(
-            tf.io.decode_jpeg(encoded, channels=3), [side, side], antialias=True
-        )
-        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-        return image, label - label_offset
-
-    records = tf.data.TFRecordDataset(data.list_record_files(data_dir, split))
-    images, labels = [], []
-    decoded = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-    for image_batch, label_batch in decoded.batch(1024):
-        images.append(image_batch.numpy())
-        labels.append(label_batch.numpy())
-    return np.concatenate(images), np.concatenate(labels)
-
-
-@functools.cache
-def held_out_split(part: str, data_dir: str | None) -> HeldOutSplit:
-    """The fair protocol's data for ``part``: MNIST's IDX files, or Imagenette's
-    TFRecords decoded once (``read_image_records``), read whole and kept for
-    the process's later runs."""
-    from train import data, sources
-
-    settings = PART_SETTINGS[part]
-    if settings.source == "mnist":
-        images, labels = data.load_idx_split(data_dir, "train")
-        test_images, test_labels = data.load_idx_split(data_dir, "validation")
-        mnist = sources.SOURCES["mnist"]
-        mean, stddev, image_size = mnist.mean, mnist.std, None
-    elif settings.source == "imagenet":
-        side = stored_image_size(settings.image_size)
-        images, labels = read_image_records(data_dir, "train", side)
-        test_images, test_labels = read_image_records(data_dir, "validation", side)
-        mean, stddev = sources.IMAGENET_MEAN_RGB, sources.IMAGENET_STDDEV_RGB
-        image_size = settings.image_size
-    else:
-        raise NotImplementedError(
-            f"--fair needs the training set as arrays; parts "
-            f"{', '.join(FAIR_PARTS)} have them, not {part}"
-        )
-    train, val = validation_split_indices(len(labels))
-    return HeldOutSplit(
-        images[train],
-        labels[train],
-        images[val],
-        labels[val],
-        test_images,
-        test_labels,
-        mean,
-        stddev,
-        image_size,
-        settings.augmentation,
-    )
-
-
-def _round_rate(rate: float) -> float:
-    """Four significant digits: a rate computed twice gives the same run id."""
-    return float(f"{rate:.4g}")
-
-
-def scaled_rate_grid(base_choice: float, batch: int, base_batch: int) -> list[float]:
-    """Base rates (the run's base_lr, which the schedule scales linearly) from
-    square-root to linear scaling of the base batch's chosen rate: the peak
-    rate ``base_choice * sqrt(k)``, ``base_choice * k**0.75`` and
-    ``base_choice * k`` for ``k = batch / base_batch``."""
+def scaled_rate_grid(
+    base_choice: float,
+    batch: int,
+    base_batch: int,
+    exponents: Sequence[float] = (-0.5, -0.25, 0.0),
+) -> list[float]:
+    """Base rates (the run's base_lr, which the schedule scales linearly)
+    ``base_choice * k**e`` for ``k = batch / base_batch``: with the default
+    exponents the peak rate spans square-root (``base_choice * sqrt(k)``) to
+    linear scaling (``base_choice * k``) of the base batch's choice."""
     k = batch / base_batch
-    return [_round_rate(base_choice * k**-exponent) for exponent in (0.5, 0.25, 0.0)]
+    return [_round_rate(base_choice * k**exponent) for exponent in exponents]
 
 
 def val_top1(summary: dict) -> float:
@@ -830,12 +624,14 @@ def select_on_validation(
     warmups: Sequence[float],
     run: Callable[[RunConfig], object],
     load: Callable[[], list[dict]],
+    max_extensions: int = 1,
 ) -> RunConfig | None:
     """Chooses ``template``'s base rate and warm-up on the held-out split.
 
     The same budget for every optimizer and batch: ``rates`` at the first
-    warm-up, one rate past the edge when the best lies on it, then each longer
-    warm-up at the best rate; the best of all these runs is the choice.
+    warm-up, one rate past the edge while the best lies on it (at most
+    ``max_extensions``), then each other warm-up at the best rate; the best
+    of all these runs is the choice.
     ``run`` trains a config (or skips a finished one), ``load`` reads the
     finished summaries; None when results are missing (a dry run).
     """
@@ -848,8 +644,10 @@ def select_on_validation(
     best = best_on_validation(load(), grid)
     if best is None:
         return None
-    extension = edge_extension(grid, best)
-    if extension is not None:
+    for _ in range(max_extensions):
+        extension = edge_extension(grid, best)
+        if extension is None:
+            break
         run(extension)
         grid.append(extension)
         best = best_on_validation(load(), grid)
@@ -874,7 +672,7 @@ def run_fair_protocol(
 ) -> dict:
     """The fair protocol for each batch in the order given, each optimizer:
     select the rate and warm-up on the held-out split (``select_on_validation``;
-    at the base batch over ``BASE_RATE_GRIDS``, elsewhere over
+    at the base batch over the part's ``base_rate_grids``, elsewhere over
     ``scaled_rate_grid`` of the base batch's choice for the optimizer or its
     ``RATE_ANCHOR``, selected first if needed), then the chosen setting
     again with each of ``repeat_seeds``. Returns {(batch, optimizer): chosen
@@ -885,6 +683,7 @@ def run_fair_protocol(
     (the paper's Table 5: larger batches trained longer than the base).
     """
     base_batch = template.base_batch_size
+    settings = PART_SETTINGS[template.part]
     chosen = {}
 
     def choose(batch: int, optimizer: str) -> RunConfig | None:
@@ -896,7 +695,7 @@ def run_fair_protocol(
             run(setting)
             return setting
         if batch == base_batch:
-            rates = BASE_RATE_GRIDS[optimizer]
+            rates = settings.base_rate_grids[optimizer]
         else:
             anchor = RATE_ANCHOR.get(optimizer, optimizer)
             if (base_batch, anchor) not in chosen:
@@ -904,8 +703,12 @@ def run_fair_protocol(
             base_choice = chosen[(base_batch, anchor)]
             if base_choice is None:
                 return None
-            rates = scaled_rate_grid(base_choice.base_lr, batch, base_batch)
-        return select_on_validation(arm, rates, warmups, run, load)
+            rates = scaled_rate_grid(
+                base_choice.base_lr, batch, base_batch, settings.scaled_exponents
+            )
+        return select_on_validation(
+            arm, rates, warmups, run, load, settings.max_extensions
+        )
 
     for batch in batch_sizes:
         for optimizer in optimizers:
@@ -919,7 +722,7 @@ def run_fair_protocol(
 
 def _has_base_selection(group: Sequence[dict], warmup: float) -> bool:
     """Whether ``group`` holds a complete base-batch selection's first stage
-    (every rate of ``BASE_RATE_GRIDS`` at ``warmup``, seed 0) for some
+    (every rate of the part's ``base_rate_grids`` at ``warmup``, seed 0) for some
     optimizer: then its base batch was selected at the group's own epochs."""
     base = config_of(group[0]).base_batch_size
     done = {
@@ -931,7 +734,9 @@ def _has_base_selection(group: Sequence[dict], warmup: float) -> bool:
     }
     return any(
         all((optimizer, rate) in done for rate in rates)
-        for optimizer, rates in BASE_RATE_GRIDS.items()
+        for optimizer, rates in PART_SETTINGS[
+            group[0]["config"]["part"]
+        ].base_rate_grids.items()
     )
 
 
@@ -939,7 +744,7 @@ def _base_epochs_of(group: list[dict], part_groups: dict) -> int | None:
     """The epochs of the base batch whose choices ``group``'s larger batches
     scale: None when ``group`` selected its own base batch, else those of the
     group with the most shorter epochs (``--base_epochs``)."""
-    if _has_base_selection(group, WARMUP_CHOICES[group[0]["config"]["part"]][0]):
+    if _has_base_selection(group, PART_SETTINGS[group[0]["config"]["part"]].warmups[0]):
         return None
     base = group[0]["config"]["base_batch_size"]
     larger = [s for s in group if s["config"]["batch_size"] != base]
@@ -974,7 +779,7 @@ def budget_run_ids(summaries: Sequence[dict]) -> set[str]:
                     template,
                     [batch],
                     [optimizer],
-                    WARMUP_CHOICES[part],
+                    PART_SETTINGS[part].warmups,
                     PART_SETTINGS[part].repeat_seeds,
                     lambda config, cell=cell: cell.add(config.run_id),
                     lambda: list(summaries),
@@ -1038,6 +843,7 @@ def fair_summary_rows(
                 "test_min": min(tests),
                 "seeds": len(tests),
                 "fresh_mean": statistics.mean(fresh) if fresh else None,
+                "fresh": fresh,
                 "diverged": any(s["diverged"] for s in repeats),
             }
         )
@@ -1146,6 +952,78 @@ def drop_table(rows: Sequence[dict], base_rows: Sequence[dict], base_note: str) 
     return "\n".join(lines)
 
 
+def drop_difference(
+    sgd_base: Sequence[float],
+    sgd_large: Sequence[float],
+    lars_base: Sequence[float],
+    lars_large: Sequence[float],
+) -> dict:
+    """The pre-registered statistic (STUDY.md): ``D = drop_SGD - drop_LARS``
+    with ``drop = mean(base) - mean(large)``, in points, from four independent
+    groups of per-seed test top-1 (fractions, at least 2 each); its standard
+    error ``sqrt(sum s_i**2 / n_i)``, Welch-Satterthwaite degrees of freedom,
+    the two-sided 95% t interval and the p value of ``D = 0``, and the
+    verdict: "supported" (D > 1 and the interval above 0), "contradicted"
+    (the interval below 1) or "not shown"."""
+    from scipy import stats
+
+    groups = [
+        [100 * x for x in g] for g in (sgd_base, sgd_large, lars_base, lars_large)
+    ]
+    means = [statistics.mean(g) for g in groups]
+    variances = [statistics.variance(g) / len(g) for g in groups]
+    d = (means[0] - means[1]) - (means[2] - means[3])
+    se = math.sqrt(sum(variances))
+    df = se**4 / sum(v**2 / (len(g) - 1) for v, g in zip(variances, groups))
+    half = stats.t.ppf(0.975, df) * se
+    low, high = d - half, d + half
+    if d > 1 and low > 0:
+        verdict = "supported"
+    elif high < 1:
+        verdict = "contradicted"
+    else:
+        verdict = "not shown"
+    p = 2 * stats.t.sf(abs(d) / se, df) if se else 0.0
+    return {
+        "D": d,
+        "se": se,
+        "df": df,
+        "low": low,
+        "high": high,
+        "p": p,
+        "verdict": verdict,
+    }
+
+
+def drop_difference_line(rows: Sequence[dict], base_rows: Sequence[dict]) -> str:
+    """One markdown line per larger batch: ``drop_difference`` over the fresh
+    seeds of SGD and LARS there and at their own base; empty without two
+    fresh seeds in each of the four cells."""
+    base_batch = min(r["batch"] for r in base_rows)
+    base = {r["optimizer"]: r for r in base_rows if r["batch"] == base_batch}
+    large = {}
+    for r in rows:
+        if r["batch"] != base_batch:
+            large.setdefault(r["batch"], {})[r["optimizer"]] = r
+    lines = []
+    for batch, cells in sorted(large.items()):
+        groups = [
+            cell.get(optimizer, {}).get("fresh", [])
+            for optimizer in ("sgd", "lars")
+            for cell in (base, cells)
+        ]
+        if min(len(g) for g in groups) < 2:
+            continue
+        r = drop_difference(*groups)
+        lines.append(
+            f"- batch {batch}: D = drop_SGD - drop_LARS = {r['D']:+.2f} points "
+            f"(95% CI {r['low']:+.2f}, {r['high']:+.2f}; Welch-Satterthwaite "
+            f"df {r['df']:.1f}), p = {r['p']:.3f}, over the fresh seeds: "
+            f"{r['verdict']} by the pre-registered test's rule (STUDY.md)"
+        )
+    return "\n".join(lines)
+
+
 def outside_budget_table(summaries: Sequence[dict], in_budget: set[str]) -> str:
     """Markdown, one row per setting run outside the budget: its seed-0
     held-out top-1 and its test top-1 over the seeds that ran it."""
@@ -1247,15 +1125,16 @@ def _budget_sections(
     outside = any(s["run_id"] not in in_budget for s in base_runs)
     epochs = base_runs[0]["config"]["epochs"]
     note = f"; {epochs} epochs" + ("; outside the budget" if outside else "")
+    rows = fair_summary_rows(group, seed, in_budget)
+    base_rows = fair_summary_rows(base_runs, seed)
     sections = [
         f"## Fair protocol, {label}: drop against each optimizer's own base "
         f"(in-budget choices; fresh seeds: all but seed {seed})",
-        drop_table(
-            fair_summary_rows(group, seed, in_budget),
-            fair_summary_rows(base_runs, seed),
-            note,
-        ),
+        drop_table(rows, base_rows, note),
     ]
+    differences = drop_difference_line(rows, base_rows)
+    if differences:
+        sections.append(differences)
     if any(s["run_id"] not in in_budget for s in group):
         sections += [
             f"## Fair protocol, {label}: settings run outside the budget "
@@ -1266,7 +1145,7 @@ def _budget_sections(
 
 
 # ----------------------------------------------------------------------------
-# Report: tables and plots from the JSONs
+# Report: tables from the JSONs
 
 
 def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
@@ -1278,181 +1157,6 @@ def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
 
 def _percent(value: float) -> str:
     return f"{100 * value:.2f}"
-
-
-def runs_table(summaries: Sequence[dict]) -> str:
-    """Markdown: one row per run, sorted by batch, optimizer, rate, seed. Runs
-    with --precise_bn get a column for the moving averages' top-1."""
-    precise = any(s.get("final_top1_moving_bn") is not None for s in summaries)
-    moving_header = " top-1 with moving BN (%) |" if precise else ""
-    rows = [
-        "| batch | optimizer | base LR | peak LR | warm-up (epochs) | seed "
-        f"| final top-1 (%) |{moving_header} best top-1 (%) | diverged? | wall (s) |",
-        "|---:|---|---:|---:|---:|---:|---:|"
-        + ("---:|" if precise else "")
-        + "---:|---|---:|",
-    ]
-    key = lambda s: (  # noqa: E731
-        s["config"]["batch_size"],
-        s["config"]["optimizer"] != "sgd",
-        s["config"]["base_lr"],
-        s["config"]["seed"],
-    )
-    for s in sorted(summaries, key=key):
-        c = s["config"]
-        moving = ""
-        if precise:
-            value = s.get("final_top1_moving_bn")
-            moving = f" {'—' if value is None else _percent(value)} |"
-        rows.append(
-            f"| {c['batch_size']} | {c['optimizer'].upper()} | {c['base_lr']:g} "
-            f"| {s['peak_lr']:g} | {c['warmup_epochs']:g} | {c['seed']} "
-            f"| {_percent(s['final_top1'])} |{moving} {_percent(s['best_top1'])} "
-            f"| {'yes' if s['diverged'] else 'no'} | {s['wall_time_s']:.0f} |"
-        )
-    return "\n".join(rows)
-
-
-def best_per_batch(summaries: Sequence[dict], seed: int) -> dict:
-    """{(batch, optimizer): the seed-``seed`` summary with the best final top-1}."""
-    best = {}
-    for s in summaries:
-        c = s["config"]
-        if c["seed"] != seed:
-            continue
-        key = (c["batch_size"], c["optimizer"])
-        if key not in best or s["final_top1"] > best[key]["final_top1"]:
-            best[key] = s
-    return best
-
-
-def seed_statistics(summaries: Sequence[dict], chosen: dict) -> dict:
-    """{(batch, optimizer): (mean, spread, n)} of the final top-1 over the seeds
-    of every run that differs from ``chosen[key]`` only in its seed."""
-    stats = {}
-    for key, pick in chosen.items():
-        same = _without_seed(pick)
-        finals = [s["final_top1"] for s in summaries if _without_seed(s) == same]
-        mean, spread = mean_and_spread(finals)
-        stats[key] = (mean, spread, len(finals))
-    return stats
-
-
-def summary_table(summaries: Sequence[dict], seed: int) -> str:
-    """Markdown: per batch, SGD and the best LARS rate, mean +- std over seeds."""
-    chosen = best_per_batch(summaries, seed)
-    stats = seed_statistics(summaries, chosen)
-    rows = [
-        "| batch | SGD base LR | SGD final top-1 (%) | LARS best base LR "
-        "| LARS final top-1 (%) | seeds (SGD/LARS) |",
-        "|---:|---:|---:|---:|---:|---|",
-    ]
-
-    def cell(key):
-        if key not in stats:
-            return "—"
-        mean, spread, n = stats[key]
-        text = _percent(mean) + (f" ± {_percent(spread)}" if n > 1 else "")
-        return text + (" (diverged)" if chosen[key]["diverged"] else "")
-
-    for batch in sorted({b for b, _ in chosen}):
-        sgd, lars = (batch, "sgd"), (batch, "lars")
-        sgd_lr = f"{chosen[sgd]['config']['base_lr']:g}" if sgd in chosen else "—"
-        lars_lr = f"{chosen[lars]['config']['base_lr']:g}" if lars in chosen else "—"
-        counts = f"{stats.get(sgd, (0, 0, 0))[2]}/{stats.get(lars, (0, 0, 0))[2]}"
-        rows.append(
-            f"| {batch} | {sgd_lr} | {cell(sgd)} | {lars_lr} | {cell(lars)} "
-            f"| {counts} |"
-        )
-    return "\n".join(rows)
-
-
-def plot_accuracy_vs_batch(summaries: Sequence[dict], seed: int, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    chosen = best_per_batch(summaries, seed)
-    stats = seed_statistics(summaries, chosen)
-    all_batches = sorted({b for b, _ in stats})
-    base_sgd = (min(all_batches), "sgd")
-    # Left: the whole range (divergence); right: zoomed on the base accuracy.
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax in axes:
-        for optimizer, label in (
-            ("sgd", "SGD + warm-up (linear scaling)"),
-            ("lars", "LARS (best base LR)"),
-        ):
-            batches = sorted(b for b, o in stats if o == optimizer)
-            means = [100 * stats[(b, optimizer)][0] for b in batches]
-            spreads = [100 * stats[(b, optimizer)][1] for b in batches]
-            ax.errorbar(
-                batches, means, yerr=spreads, marker="o", capsize=3, label=label
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(all_batches, [str(b) for b in all_batches])
-        ax.minorticks_off()
-        if base_sgd in stats:  # The claim: within 1 point of the base batch.
-            ax.axhline(
-                100 * stats[base_sgd][0] - 1.0,
-                color="gray",
-                linestyle="--",
-                label="base-batch SGD - 1 point",
-            )
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("final test top-1 (%)")
-        ax.grid(True, alpha=0.3)
-    if base_sgd in stats:
-        base = 100 * stats[base_sgd][0]
-        axes[1].set_ylim(base - 4.0, min(100.0, base + 1.0))
-        axes[1].set_title("zoom: base accuracy - 4 points and up", fontsize=10)
-    part = summaries[0]["config"]["part"] if summaries else ""
-    label = setting_label(config_of(summaries[0])) if summaries else ""
-    axes[0].set_title(f"{part} {label}: accuracy vs batch size", fontsize=10)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_accuracy_vs_epoch(summaries: Sequence[dict], seed: int, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    chosen = best_per_batch(summaries, seed)
-    largest = max(b for b, _ in chosen)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for optimizer in OPTIMIZERS:
-        if (largest, optimizer) not in chosen:
-            continue
-        pick = chosen[(largest, optimizer)]["config"]
-        for s in summaries:
-            if _without_seed(s) != _without_seed(chosen[(largest, optimizer)]):
-                continue
-            curve = [100 * x for x in s["test_top1_per_epoch"]]
-            ax.plot(
-                range(1, len(curve) + 1),
-                curve,
-                marker="o",
-                color="C0" if optimizer == "sgd" else "C1",
-                alpha=1.0 if s["config"]["seed"] == seed else 0.4,
-                label=f"{optimizer.upper()} base LR {pick['base_lr']:g}"
-                if s["config"]["seed"] == seed
-                else None,
-            )
-    epochs = chosen[(largest, "sgd" if (largest, "sgd") in chosen else "lars")]
-    ax.set_xticks(range(1, epochs["config"]["epochs"] + 1))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"batch {largest}: test accuracy per epoch (faint: other seeds)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def setting_label(config: RunConfig) -> str:
@@ -1469,42 +1173,21 @@ def setting_label(config: RunConfig) -> str:
         label += f"_n{config.train_examples}-{config.eval_examples}"
     if config.precise_bn:
         label += "_pbn"
+    if config.weight_decay:
+        label += f"_wd{config.weight_decay:g}"
+    if config.exclude_bias_and_norm:
+        label += "_xbn"
     return label
 
 
 def write_report(output_dir: str, report_dir: str, part: str, seed: int) -> str:
-    """Writes ``<part>.md`` and, per setting (``setting_label``), two PNGs
-    ``<part>_<setting>_*.png`` into ``report_dir``; returns the markdown."""
-    every_run = [s for s in load_summaries(output_dir) if s["config"]["part"] == part]
-    if not every_run:
+    """Writes ``<part>.md`` (``write_fair_report`` of the part's runs, the
+    budget replayed on them) into ``report_dir``; returns the markdown."""
+    summaries = [s for s in load_summaries(output_dir) if s["config"]["part"] == part]
+    if not summaries:
         raise FileNotFoundError(f"no {part} runs in {output_dir}/runs")
-    fair = [s for s in every_run if s["config"].get("validation")]
-    summaries = [s for s in every_run if not s["config"].get("validation")]
+    markdown = write_fair_report(summaries, seed, budget_run_ids(summaries))
     os.makedirs(report_dir, exist_ok=True)
-    groups = {}
-    for summary in summaries:
-        groups.setdefault(setting_label(config_of(summary)), []).append(summary)
-    sections = []
-    for label, group in sorted(groups.items()):
-        name = f"{part}_{label}"
-        plot_accuracy_vs_batch(
-            group, seed, os.path.join(report_dir, f"{name}_accuracy_vs_batch.png")
-        )
-        plot_accuracy_vs_epoch(
-            group, seed, os.path.join(report_dir, f"{name}_largest_batch_curves.png")
-        )
-        sections += [
-            f"## {name}: summary (seed {seed} picks the LARS rate; ± is the "
-            "sample std over seeds)",
-            summary_table(group, seed),
-            f"Plots: `{name}_accuracy_vs_batch.png`, "
-            f"`{name}_largest_batch_curves.png`.",
-            f"## {name}: every run ({len(group)} finished)",
-            runs_table(group),
-        ]
-    if fair:
-        sections.insert(0, write_fair_report(fair, seed, budget_run_ids(fair)))
-    markdown = "\n\n".join(sections)
     with open(os.path.join(report_dir, f"{part}.md"), "w") as f:
         f.write(markdown + "\n")
     return markdown
@@ -1529,7 +1212,7 @@ def count_trainable_params(model_name: str, part: str, data_dir: str | None) -> 
     from train import models, sources
 
     settings = PART_SETTINGS[part]
-    info = sources.describe(settings.source, data_dir, settings.tfds_name)
+    info = sources.describe(settings.source, data_dir)
     model = models.build_model(
         model_name, info.num_classes, settings.image_size, info.channels
     )
@@ -1545,67 +1228,50 @@ def _command() -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
-    # Keras says this when the test set (of unknown length) ends, every time.
-    warnings.filterwarnings("ignore", message="Your input ran out of data")
-    warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
-    settings = PART_SETTINGS[FLAGS.part]
+    # Unlike train.main with --deterministic, oneDNN's CPU kernels stay on:
+    # without them resnet8 trained at 0.65x the speed here, and they change
+    # a rerun's results in the last bits only (data order, weights and
+    # augmentation are fixed by the seed).
     if FLAGS.report:
         print(write_report(FLAGS.output_dir, FLAGS.report_dir, FLAGS.part, FLAGS.seed))
         return
-    fair_only = [
-        name
-        for name in ("optimizers", "fixed_base_lr", "base_epochs")
-        if FLAGS[name].present
-    ]
-    if fair_only and not FLAGS.fair:
-        print(f"--{fair_only[0]}: works with --fair only", file=sys.stderr)
-        sys.exit(2)
-    if not FLAGS.fair:
-        print(
-            "--fair: needed to run (the first protocol's runs are recorded; "
-            "--report tables them)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-    import train
-
-    try:
-        run_study(settings)
-    except train.UserError as error:  # A missing or wrong data folder.
-        print(
-            f"{error} (the study's --part_data_dir, else from --data_dir)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-
-
-def run_study(settings: PartSettings) -> None:
-    """Runs (or with --dry_run lists) the fair protocol; finished runs are
-    skipped."""
     import train
 
     data_dir = FLAGS.part_data_dir or default_part_data_dir(
         FLAGS.part, FLAGS.data_dir or train.shared_data_dir()
     )
-    main_fair(settings, data_dir)
-
-
-def main_fair(settings: PartSettings, data_dir: str | None) -> None:
-    """``--fair``: runs (or with --dry_run lists) the fair protocol."""
-    unknown = sorted(set(FLAGS.optimizers) - set(OPTIMIZERS))
-    if unknown or FLAGS.part not in FAIR_PARTS:
-        reason = (
-            f"--optimizers: unknown {unknown}; allowed: {', '.join(OPTIMIZERS)}"
-            if unknown
-            else f"--fair: --part must be one of {', '.join(FAIR_PARTS)} (a "
-            f"held-out split of its training set); got {FLAGS.part}"
+    try:
+        run_study(PART_SETTINGS[FLAGS.part], data_dir)
+    except train.UserError as error:  # A missing or wrong data folder.
+        print(
+            f"{error} (the study's --part_data_dir, else from --data_dir; "
+            "STUDY.md's 'How to reproduce' makes the Imagenette records)",
+            file=sys.stderr,
         )
-        print(reason, file=sys.stderr)
         sys.exit(2)
+
+
+def run_study(settings: PartSettings, data_dir: str) -> None:
+    """Runs (or with --dry_run lists) the fair protocol; finished runs are
+    skipped."""
+    unknown = sorted(set(FLAGS.optimizers) - set(OPTIMIZERS))
+    if unknown:
+        print(
+            f"--optimizers: unknown {unknown}; allowed: {', '.join(OPTIMIZERS)}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    fixed = None
+    if FLAGS.fixed_base_lr is not None:
+        if FLAGS.warmup_epochs is None:
+            print("--fixed_base_lr: needs --warmup_epochs", file=sys.stderr)
+            sys.exit(2)
+        fixed = (FLAGS.fixed_base_lr, FLAGS.warmup_epochs)
     base_batch = _part_value("base_batch_size", settings)
+    model = _part_value("model", settings)
     template = RunConfig(
         part=FLAGS.part,
-        model=FLAGS.model,
+        model=model,
         optimizer="sgd",
         batch_size=base_batch,
         base_lr=0.0,
@@ -1613,18 +1279,17 @@ def main_fair(settings: PartSettings, data_dir: str | None) -> None:
         epochs=_part_value("epochs", settings),
         warmup_epochs=0.0,
         seed=FLAGS.seed,
-        model_params=count_trainable_params(FLAGS.model, FLAGS.part, data_dir),
+        model_params=count_trainable_params(model, FLAGS.part, data_dir),
         momentum=FLAGS.momentum,
         trust_coefficient=FLAGS.trust_coefficient,
         train_examples=FLAGS.train_examples,
-        eval_examples=FLAGS.eval_examples,
-        precise_bn=FLAGS.precise_bn,
+        precise_bn=_part_value("precise_bn", settings),
         validation=True,
+        weight_decay=settings.weight_decay,
+        exclude_bias_and_norm=settings.exclude_bias_and_norm,
     )
     warmups = (
-        tuple(float(w) for w in [FLAGS.warmup_epochs])
-        if FLAGS.warmup_epochs is not None
-        else WARMUP_CHOICES[FLAGS.part]
+        (FLAGS.warmup_epochs,) if FLAGS.warmup_epochs is not None else settings.warmups
     )
     batch_sizes = [int(b) for b in FLAGS.batch_sizes or settings.batch_sizes]
     load = lambda: load_summaries(FLAGS.output_dir)  # noqa: E731
@@ -1634,12 +1299,6 @@ def main_fair(settings: PartSettings, data_dir: str | None) -> None:
             done = os.path.exists(run_path(FLAGS.output_dir, config))
             print(f"  {'done' if done else '    '} {config.run_id}")
 
-    fixed = None
-    if FLAGS.fixed_base_lr is not None:
-        if FLAGS.warmup_epochs is None:
-            print("--fixed_base_lr: needs --warmup_epochs", file=sys.stderr)
-            sys.exit(2)
-        fixed = (FLAGS.fixed_base_lr, FLAGS.warmup_epochs)
     if not FLAGS.dry_run:
         record = run_record(_command(), in_budget=fixed is None)
 

@@ -18,7 +18,7 @@ study="$study --output_dir=${STUDY_OUTPUT_DIR:-experiments/results}"
 # the base batch's choice), one more past an edge, the best rate with 2 warm-up
 # epochs; the best on the held-out split then runs with seeds 1 and 2. Ordered
 # by what matters most if the queue is cut short.
-fair="$study --fair --precise_bn"
+fair="$study --precise_bn"
 # F1. SGD and LARS: the selection at the base batch and at 64x (the largest)
 #     first, then the seeds at 64x, then those at the base batch (its spread
 #     over seeds was small in the first protocol).
@@ -51,8 +51,8 @@ $fair --epochs=10 --base_epochs=3 --optimizers=nesterov --batch_sizes=8192 \
 #     (outside the budget: no selection at that length).
 $fair --epochs=10 --optimizers=lars --batch_sizes=128 --fixed_base_lr=4 --warmup_epochs=1
 $fair --epochs=10 --optimizers=sgd --batch_sizes=128 --fixed_base_lr=0.2 --warmup_epochs=1
-# I1. The second data set: Imagenette at 32x32 (needs runs/imagenette_records:
-#     STUDY.md, "Commands"), base batch 64 for 10 epochs and 32x (2048) for 40
+# I1. The second data set: Imagenette at 32x32 (needs runs/imagenette37:
+#     STUDY.md, "How to reproduce"), base batch 64 for 10 epochs and 32x (2048) for 40
 #     epochs (160 steps; trained longer as in F4), SGD and LARS, the same
 #     selection, then seeds 1 and 2 at both batches.
 in32="$fair --part=imagenette32 --epochs=40 --base_epochs=10"
@@ -97,3 +97,14 @@ for rate in 0.000657 0.0002763; do
         --warmup_epochs=1 --repeat_seeds=
 done
 $nobn --optimizers=sgd --batch_sizes=4096 --fixed_base_lr=0.000657 --warmup_epochs=1
+# R. The pre-registered residual-net test (STUDY.md): resnet8 on Imagenette-32,
+#    SGD and LARS, weight decay 1e-4, BN recomputed (the part's defaults).
+#    R1 the base batch's selection, R2 2048's at 40 epochs, R3 2048's at 80
+#    epochs (the base kept at 40: its choice anchors both grids), then seeds
+#    1-3 of all six cells.
+r8="$study --part=imagenette32_resnet8"
+$r8 --batch_sizes=64 --repeat_seeds=
+$r8 --batch_sizes=2048 --repeat_seeds=
+$r8 --epochs=80 --base_epochs=40 --batch_sizes=2048 --repeat_seeds=
+$r8 --batch_sizes=64,2048
+$r8 --epochs=80 --base_epochs=40 --batch_sizes=2048

@@ -8,7 +8,6 @@ import platform
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import train
@@ -33,38 +32,6 @@ def _run_config(**fields) -> study.RunConfig:
     return study.RunConfig(**{**defaults, **fields})
 
 
-def _summary(
-    optimizer,
-    batch,
-    base_lr,
-    seed,
-    final,
-    curve=None,
-    diverged=False,
-    model="small_alexnet_bn",
-):
-    """A run summary as train_one writes it, with made-up accuracies."""
-    config = _run_config(
-        model=model,
-        optimizer=optimizer,
-        batch_size=batch,
-        base_lr=base_lr,
-        seed=seed,
-        model_params=10,
-    )
-    curve = curve or [final - 0.01, final]
-    return {
-        "run_id": config.run_id,
-        "config": dataclasses.asdict(config),
-        "peak_lr": base_lr * batch / 128,
-        "test_top1_per_epoch": curve,
-        "final_top1": final,
-        "best_top1": max(curve),
-        "diverged": diverged,
-        "wall_time_s": 1.0,
-    }
-
-
 def _run_study(*flags: str) -> subprocess.CompletedProcess:
     """``python -m experiments.large_batch_study`` with ``flags``, from the
     repository root; its exit status and output."""
@@ -78,27 +45,24 @@ def _run_study(*flags: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "flag", ["--optimizers=lamb", "--fixed_base_lr=0.1", "--base_epochs=3"]
+    "flags, line",
+    [
+        (
+            ["--optimizers=adam"],
+            "--optimizers: unknown ['adam']; allowed: sgd, lars, nesterov, lamb",
+        ),
+        (["--fixed_base_lr=0.1"], "--fixed_base_lr: needs --warmup_epochs"),
+    ],
 )
-def test_fair_only_flag_without_fair_is_a_one_line_usage_error(flag):
-    result = _run_study(flag, "--dry_run")
-    name = flag.split("=")[0]
+def test_bad_study_flags_are_a_one_line_usage_error(flags, line):
+    result = _run_study(*flags, "--dry_run")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"{name}: works with --fair only"]
-
-
-def test_running_without_fair_is_a_one_line_usage_error():
-    result = _run_study("--dry_run")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "--fair: needed to run (the first protocol's runs are recorded; "
-        "--report tables them)"
-    ]
+    assert result.stderr.strip().splitlines() == [line]
 
 
 def test_missing_imagenette_records_are_a_one_line_usage_error(tmp_path):
     result = _run_study(
-        "--fair", "--part=imagenette32", f"--part_data_dir={tmp_path}", "--dry_run"
+        "--part=imagenette32", f"--part_data_dir={tmp_path}", "--dry_run"
     )
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
@@ -151,8 +115,8 @@ def test_tiny_run_writes_its_summary_and_a_rerun_skips_it(tmp_path, monkeypatch)
         epochs=2,
         warmup_epochs=0.5,
         train_examples=128,
-        eval_examples=100,
         precise_bn=True,
+        validation=True,
     )
     assert study.run_if_missing(config, str(tmp_path), MNIST_DIR)
 
@@ -162,12 +126,18 @@ def test_tiny_run_writes_its_summary_and_a_rerun_skips_it(tmp_path, monkeypatch)
     assert summary["steps_per_epoch"] == 2  # 128 examples // batch 64
     assert summary["train_steps"] == 4
     assert summary["peak_lr"] == pytest.approx(0.5)  # 1.0 * 64 / 128
-    assert len(summary["test_top1_per_epoch"]) == 2
-    # The last epoch's test used the moving averages; final_top1 the recomputed BN.
-    assert summary["final_top1_moving_bn"] == summary["test_top1_per_epoch"][-1]
-    assert config.run_id.endswith("_pbn")
-    assert 0.0 <= summary["final_top1"] <= summary["best_top1"] <= 1.0
-    assert isinstance(summary["diverged"], bool)
+    # MNIST's 60,000 training images less 10% held out; its 10,000 test images.
+    assert (summary["val_examples"], summary["test_examples"]) == (6000, 10000)
+    assert len(summary["val_top1_per_epoch"]) == 2
+    assert len(summary["train_loss_per_epoch"]) == 2
+    # The last epoch's evaluation used the moving averages; the final figures
+    # the recomputed BN statistics.
+    assert summary["final_val_top1_moving_bn"] == summary["val_top1_per_epoch"][-1]
+    assert config.run_id.endswith("_pbn_val")
+    assert 0.0 <= summary["final_val_top1"] <= summary["best_val_top1"] <= 1.0
+    assert 0.0 <= summary["final_test_top1"] <= 1.0
+    assert "final_top1" not in summary and "test_top1_per_epoch" not in summary
+    assert isinstance(summary["diverged"], bool) and summary["nonfinite_steps"] == 0
     assert summary["wall_time_s"] > 0
 
     def must_not_train(*args):
@@ -178,101 +148,8 @@ def test_tiny_run_writes_its_summary_and_a_rerun_skips_it(tmp_path, monkeypatch)
     assert [s["run_id"] for s in study.load_summaries(str(tmp_path))] == [config.run_id]
 
 
-def test_tfds_part_trains_on_mock_mnist(tfds_metadata_dir, tmp_path):
-    import tensorflow_datasets as tfds
-
-    config = _run_config(
-        part="tfds_mnist", batch_size=4, base_lr=0.05, epochs=1, warmup_epochs=0.5
-    )
-    with tfds.testing.mock_data(
-        policy=tfds.testing.MockPolicy.USE_FILES, data_dir=tfds_metadata_dir
-    ):
-        assert study.run_if_missing(config, str(tmp_path), tfds_metadata_dir)
-    summary = study.load_summaries(str(tmp_path))[0]
-    assert summary["run_id"].startswith("tfds_mnist_small_alexnet_bn_sgd_b4_")
-    assert summary["steps_per_epoch"] == 3  # 12 mock examples // batch 4
-    assert len(summary["test_top1_per_epoch"]) == 1
-
-
-def test_recomputed_bn_statistics_average_the_batch_statistics():
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    inputs = keras.Input((3,))
-    outputs = keras.layers.BatchNormalization(momentum=0.9)(inputs)
-    model = keras.Model(inputs, outputs)
-    batches = np.random.default_rng(0).normal(2.0, 3.0, (2, 16, 3))
-    train_data = tf.data.Dataset.from_tensor_slices(
-        (batches.astype("float32"), np.zeros((2, 16)))
-    )
-    study.recompute_bn_statistics(model, train_data, batches=2)
-
-    layer = model.layers[-1]
-    np.testing.assert_allclose(
-        layer.moving_mean.numpy(), batches.mean(axis=1).mean(axis=0), rtol=1e-5
-    )
-    np.testing.assert_allclose(  # Keras's batch variance is the biased one.
-        layer.moving_variance.numpy(), batches.var(axis=1).mean(axis=0), rtol=1e-4
-    )
-    assert layer.momentum == 0.9  # Restored.
-
-
-def test_summary_table_reports_mean_and_sample_std_over_seeds():
-    summaries = [
-        _summary("sgd", 128, 0.05, 0, 0.99),
-        _summary("sgd", 128, 0.05, 1, 0.98),
-        _summary("sgd", 128, 0.05, 2, 0.97),
-        _summary("lars", 128, 1.0, 0, 0.985),
-        _summary("lars", 128, 4.0, 0, 0.95),  # Worse rate: not the pick.
-        _summary("sgd", 4096, 0.05, 0, 0.10, diverged=True),
-    ]
-    table = study.summary_table(summaries, seed=0).splitlines()
-    # SGD at 128: mean 98.00, sample std sqrt(((1)^2 + 0 + (1)^2) / 2) = 1.00 points.
-    assert table[2] == "| 128 | 0.05 | 98.00 ± 1.00 | 1 | 98.50 | 3/1 |"
-    assert table[3] == "| 4096 | 0.05 | 10.00 (diverged) | — | — | 1/0 |"
-    rows = study.runs_table(summaries).splitlines()
-    assert len(rows) == 2 + len(summaries)
-    assert rows[2].startswith("| 128 | SGD | 0.05 | 0.05 | 1 | 0 | 99.00 | 99.00 |")
-
-
-def test_report_writes_markdown_and_two_pngs(tmp_path):
-    pytest.importorskip("matplotlib")
-    runs = tmp_path / "study" / "runs"
-    runs.mkdir(parents=True)
-    for summary in [
-        _summary("sgd", 128, 0.05, 0, 0.99),
-        _summary("lars", 128, 1.0, 0, 0.985),
-        _summary("sgd", 4096, 0.05, 0, 0.60),
-        _summary("lars", 4096, 1.0, 0, 0.98),
-        _summary("sgd", 4096, 0.05, 0, 0.30, model="small_alexnet"),
-    ]:
-        (runs / f"{summary['run_id']}.json").write_text(json.dumps(summary))
-    report_dir = tmp_path / "results"
-    markdown = study.write_report(
-        str(tmp_path / "study"), str(report_dir), "mnist", seed=0
-    )
-    bn, no_bn = markdown.split("## mnist_small_alexnet_e2_w1: summary")
-    assert "| 4096 | 0.05 | 60.00 | 1 | 98.00 | 1/1 |" in bn  # Without the no-BN run.
-    assert "| 4096 | 0.05 | 30.00 | — | — | 1/0 |" in no_bn
-    assert (report_dir / "mnist.md").read_text() == markdown + "\n"
-    for plot in ("accuracy_vs_batch", "largest_batch_curves"):
-        path = report_dir / f"mnist_small_alexnet_bn_e2_w1_{plot}.png"
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 # ----------------------------------------------------------------------------
 # The fair protocol
-
-
-def test_validation_split_is_fixed_disjoint_and_covers_the_training_set():
-    train, val = study.validation_split_indices(1000)
-    assert len(val) == 100 and len(train) == 900
-    assert not set(train) & set(val)
-    assert sorted(set(train) | set(val)) == list(range(1000))
-    again_train, again_val = study.validation_split_indices(1000)
-    assert list(again_val) == list(val) and list(again_train) == list(train)
-    assert list(val) != list(range(100))  # A random draw, not the first 10%.
 
 
 def _fair_template():
@@ -397,6 +274,24 @@ def test_report_replays_the_budget_and_marks_the_runs_outside_it():
     assert report.count("| **outside** |") == 4
 
 
+def test_report_writes_the_parts_markdown_from_its_jsons_only(tmp_path):
+    run, load, _ = _fake_fair_runner(_val_top1_with_low_edge)
+    study.run_fair_protocol(_fair_template(), [128], ["sgd"], (1.0,), (), run, load)
+    other_part = dataclasses.replace(_fair_template(), part="imagenette32")
+    study.run_fair_protocol(other_part, [64], ["lars"], (2.0,), (), run, load)
+    runs = tmp_path / "study" / "runs"
+    runs.mkdir(parents=True)
+    for summary in load():
+        (runs / f"{summary['run_id']}.json").write_text(json.dumps(summary))
+    markdown = study.write_report(
+        str(tmp_path / "study"), str(tmp_path / "results"), "mnist", seed=0
+    )
+    assert (tmp_path / "results" / "mnist.md").read_text() == markdown + "\n"
+    assert "| 128 | sgd |" in markdown and "| 64 | lars |" not in markdown
+    with pytest.raises(FileNotFoundError, match="no imagenette runs"):
+        study.write_report(str(tmp_path / "study"), str(tmp_path), "imagenette", 0)
+
+
 def test_nesterov_scales_the_base_batch_choice_of_sgd():
     run, load, ran = _fake_fair_runner(lambda c: 0.9 if c.base_lr == 0.2 else 0.8)
     chosen = study.run_fair_protocol(
@@ -499,29 +394,24 @@ def test_fair_summary_reports_test_only_for_the_setting_chosen_on_validation():
     not os.path.exists(os.path.join(MNIST_DIR, "train-images-idx3-ubyte.gz")),
     reason=f"MNIST IDX files not found in {MNIST_DIR} (set LARS_TF_DATA_DIR)",
 )
-def test_tiny_fair_run_selects_on_held_out_split_and_tests_once(tmp_path):
-    split = study.held_out_split("mnist", MNIST_DIR)
-    assert (len(split.train_labels), len(split.val_labels)) == (54000, 6000)
-    assert len(split.test_labels) == 10000
-    config = dataclasses.replace(
-        _fair_template(),
-        optimizer="lamb",
-        batch_size=64,
-        base_lr=0.004,
-        epochs=1,
-        warmup_epochs=0.5,
-        model_params=0,
-        train_examples=128,
-        eval_examples=100,
-    )
-    assert config.run_id.endswith("_pbn_val")
-    assert study.run_if_missing(config, str(tmp_path), MNIST_DIR)
-    summary = study.load_summaries(str(tmp_path))[0]
-    assert "final_top1" not in summary and "test_top1_per_epoch" not in summary
-    assert len(summary["val_top1_per_epoch"]) == 1
-    assert summary["final_val_top1_moving_bn"] == summary["val_top1_per_epoch"][0]
-    for key in ("final_val_top1", "final_test_top1"):
-        assert 0.0 <= summary[key] <= 1.0
+def test_tiny_nesterov_and_lamb_runs_train_through_the_app(tmp_path):
+    for optimizer, base_lr in (("nesterov", 0.05), ("lamb", 0.004)):
+        config = dataclasses.replace(
+            _fair_template(),
+            optimizer=optimizer,
+            batch_size=64,
+            base_lr=base_lr,
+            epochs=1,
+            warmup_epochs=0.5,
+            model_params=0,
+            train_examples=128,
+        )
+        assert study.run_if_missing(config, str(tmp_path), MNIST_DIR)
+    for summary in study.load_summaries(str(tmp_path)):
+        assert len(summary["val_top1_per_epoch"]) == 1
+        # Precise BN changed the figures the moving averages gave.
+        assert summary["final_val_top1"] != summary["final_val_top1_moving_bn"]
+        assert 0.0 <= summary["final_test_top1"] <= 1.0
 
 
 def _git_here(*args: str) -> str:
@@ -539,7 +429,6 @@ def test_a_fixed_setting_run_records_its_software_command_and_budget(tmp_path):
     """A --fixed_base_lr check, through the command line: its JSON names the
     commit, the versions, the command, and that it is outside the budget."""
     flags = [
-        "--fair",
         "--precise_bn",
         "--optimizers=lamb",
         "--batch_sizes=64",
@@ -548,7 +437,6 @@ def test_a_fixed_setting_run_records_its_software_command_and_budget(tmp_path):
         "--epochs=1",
         "--repeat_seeds=",
         "--train_examples=128",
-        "--eval_examples=100",
         f"--output_dir={tmp_path}",
         f"--data_dir={train.shared_data_dir()}",
     ]
@@ -601,81 +489,21 @@ def test_stored_side_is_the_smallest_whose_seven_eighths_crop_is_the_size(
     assert study.stored_image_size(image_size) == side
 
 
-def _gradient_split(side=37, image_size=32, count=64):
-    """A HeldOutSplit of ``count`` equal images whose channel 0 is 6 * column and
-    channel 1 is 6 * row, with mean 0 and stddev 1 (batches are raw pixels)."""
-    rows, columns = np.mgrid[0:side, 0:side]
-    image = np.stack([6 * columns, 6 * rows, np.zeros_like(rows)], -1)
-    images = np.repeat(image[np.newaxis].astype(np.uint8), count, axis=0)
-    labels = np.arange(count) % 10
-    return study.HeldOutSplit(
-        images, labels, images, labels, images, labels,
-        (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), image_size, "minimal",
-    )  # fmt: skip
-
-
-def test_held_out_batches_center_crop_for_evaluation():
-    images, labels = next(iter(_gradient_split().batches("val", 64)))
-    # The center 32 of 37: offset (37 - 32 + 1) // 2 = 3 on both axes.
-    crop = 6 * (np.arange(32) + 3)
-    for image in images.numpy():
-        np.testing.assert_allclose(image[..., 0], np.tile(crop, (32, 1)), atol=1e-3)
-        np.testing.assert_allclose(image[..., 1], np.tile(crop, (32, 1)).T, atol=1e-3)
-    assert list(labels.numpy()) == list(np.arange(64) % 10)
-
-
-def test_held_out_training_batches_crop_and_flip_at_random_reproducibly():
-    split = _gradient_split()
-    images = next(iter(split.batches("train", 64, seed=3)))[0].numpy()
-    again = next(iter(split.batches("train", 64, seed=3)))[0].numpy()
-    other = next(iter(split.batches("train", 64, seed=4)))[0].numpy()
-    np.testing.assert_array_equal(images, again)
-    assert not np.array_equal(images, other)
-    offsets, flipped = set(), 0
-    for image in images:
-        columns = image[0, :, 0] / 6  # One row: 32 consecutive columns.
-        steps = np.diff(columns)
-        assert np.allclose(steps, 1, atol=1e-3) or np.allclose(steps, -1, atol=1e-3)
-        flipped += steps[0] < 0
-        offsets.add(round(min(columns)))
-        rows = image[:, 0, 1] / 6  # Rows are never flipped.
-        np.testing.assert_allclose(np.diff(rows), 1, atol=1e-3)
-        offsets.add(round(rows[0]))
-    assert offsets <= set(range(6))  # 37 - 32 + 1 positions.
-    assert len(offsets) > 2 and 0 < flipped < 64
-
-
-def test_imagenette_part_reads_records_once_with_zero_based_labels(tmp_path):
-    import tensorflow as tf
-
-    from train import convert_images
-
-    # Class k's 20 images are a flat colour of its own: each decoded image's
-    # colour names its label, whatever order the converter shuffled them into.
-    colours = {k: (20 + 60 * k, 200 - 50 * k, 90) for k in range(3)}
-    for split in ("train", "val"):
-        for k, colour in colours.items():
-            folder = tmp_path / "images" / split / f"n0000000{k}"
-            folder.mkdir(parents=True)
-            image = np.broadcast_to(np.array(colour, np.uint8), (40, 48, 3))
-            for i in range(20 if split == "train" else 5):
-                jpeg = tf.io.encode_jpeg(np.ascontiguousarray(image), quality=95)
-                (folder / f"{i}.JPEG").write_bytes(jpeg.numpy())
-    records = str(tmp_path / "records")
-    convert_images.convert(
-        records, str(tmp_path / "images/train"), str(tmp_path / "images/val"),
-        train_shards=2, validation_shards=1,
-    )  # fmt: skip
-    split = study.held_out_split("imagenette32", records)
-    assert (len(split.train_labels), len(split.val_labels)) == (54, 6)
-    assert len(split.test_labels) == 15
-    assert split.train_images.shape[1:] == (37, 37, 3)
-    for images, labels in (
-        (split.train_images, split.train_labels),
-        (split.val_images, split.val_labels),
-        (split.test_images, split.test_labels),
-    ):
-        expected = np.array([colours[label] for label in labels], np.float64)
-        np.testing.assert_allclose(images.mean(axis=(1, 2)), expected, atol=3)
-    assert sorted(np.bincount(split.test_labels)) == [5, 5, 5]
-    assert study.held_out_split("imagenette32", records) is split  # Read once.
+def test_drop_difference_by_hand():
+    # Means 72, 62 (SGD) and 72, 70 (LARS): D = 10 - 2 = 8 points. Sample
+    # variances 4, 4, 1, 1 over 3 seeds: SE = sqrt(10/3); Welch-Satterthwaite
+    # df = (10/3)**2 / ((16/9 + 16/9 + 1/9 + 1/9) / 2) = 200/34.
+    result = study.drop_difference(
+        [0.70, 0.72, 0.74], [0.60, 0.62, 0.64], [0.71, 0.72, 0.73], [0.69, 0.70, 0.71]
+    )
+    assert result["D"] == pytest.approx(8.0)
+    assert result["se"] == pytest.approx(math.sqrt(10 / 3))
+    assert result["df"] == pytest.approx(200 / 34)
+    # The t quantile at 5.88 df lies between the tables' 2.4469 (6) and 2.5706 (5).
+    assert 2.4469 < (result["high"] - 8.0) / result["se"] < 2.5706
+    assert result["low"] == pytest.approx(16.0 - result["high"])
+    assert result["verdict"] == "supported" and result["p"] < 0.01
+    same = [0.700, 0.702, 0.704]
+    assert study.drop_difference(same, same, same, same)["verdict"] == "contradicted"
+    wide = [0.60, 0.70, 0.80]
+    assert study.drop_difference(wide, same, same, same)["verdict"] == "not shown"
