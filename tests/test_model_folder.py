@@ -287,6 +287,44 @@ def test_a_second_multi_worker_cluster_on_a_held_folder_is_refused(tmp_path):
     assert after == before
 
 
+def test_a_cluster_on_a_folder_another_run_holds_ends_in_one_line_per_worker(
+    tmp_path,
+):
+    """The chief is refused the folder's lock (exit 2); worker 1, waiting for
+    it in the set-up's first collective, is told its peer is gone (exit 3)."""
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(model_dir)],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    workers = []
+    try:
+        assert holder.stdout.readline() == "held\n"
+        args = ["--train_steps=20"] + [f"--{k}={v}" for k, v in TINY.items()]
+        workers = helpers.start_workers(
+            model_dir, helpers.local_worker_addresses(2), args
+        )
+        outputs = [process.communicate(timeout=300) for process in workers]
+    finally:
+        for process in [holder] + workers:
+            process.kill()
+            process.wait()
+    lines = []
+    for process, (_, stderr) in zip(workers, outputs, strict=True):
+        assert "Traceback" not in stderr, stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if "train.main" in line]
+        assert errors == stderr.splitlines()[-1:], stderr[-3000:]
+        lines.append((process.returncode, errors[0]))
+    assert lines[0][0] == 2 and "is in use by another run" in lines[0][1]
+    assert lines[1][0] == 3 and re.search(r"worker 0 \(.*\) unreachable", lines[1][1])
+    assert sorted(os.listdir(model_dir)) == [model_folder.LOCK_FILE]
+
+
 def test_a_lock_is_exclusive_per_name_and_released(tmp_path):
     """The chief holds the folder's lock, each other worker its own."""
     chief = model_folder.lock(str(tmp_path))

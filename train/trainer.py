@@ -89,8 +89,13 @@ def run(
                     f"{SUMMARY_FILE}."
                 )
                 return previous
-            parts, progress = _set_up(config, callbacks, record, previous, wall_start)
-            with strategy_lib.lost_peer_reported(parts.strategy, config.model_dir):
+            strategy = strategy_lib.make_strategy(config)  # It fixes the devices.
+            # The set-up's collectives too: a peer refused the folder's lock
+            # leaves the others waiting in the first one.
+            with strategy_lib.lost_peer_reported(strategy, config.model_dir):
+                parts, progress = _set_up(
+                    config, strategy, callbacks, record, previous, wall_start
+                )
                 _train(parts, progress, stop)
                 summary = _finish(parts, progress)
             if stop.received:  # After the last loop: the run is complete.
@@ -128,14 +133,14 @@ class _Run:
 
 def _set_up(
     config: Config,
+    strategy: tf.distribute.Strategy,
     callbacks: Sequence[keras.callbacks.Callback],
     record: dict | None,
     previous: dict | None,
     wall_start: float,
 ) -> tuple[_Run, summary_lib.Progress]:
-    """The strategy, the folder, the input, the model restored from the latest
-    checkpoint, the step functions, writers and callbacks; the counters."""
-    strategy = strategy_lib.make_strategy(config)  # First: it fixes the devices.
+    """The folder, the input, the model restored from the latest checkpoint,
+    the step functions, writers and callbacks on `strategy`; the counters."""
     _check_replicas(config, strategy)
     chief = strategy_lib.is_chief(strategy)
     # Flushed: the lines come as they happen through a pipe (`| tee`, a test).
