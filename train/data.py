@@ -38,6 +38,7 @@ seed, so it is the same for every pipeline, replica count and run.
 """
 
 import dataclasses
+import functools
 import os
 import re
 import sys
@@ -741,13 +742,10 @@ class InputFn:
         the ``_NAMES_KEPT`` before it, the decode keeps the order, and a gap in
         the positions afterwards names what was dropped.
 
-        ``decode_fn(example, seed_pair) -> (image, stored label)`` decodes
-        (default: ``_decoded``, which crops); ``with_meta`` yields each
-        example's meta in place of its end flag, end markers included.
+        ``decode_fn(example, seed_pair)``: (image, stored label), by default
+        ``_decoded``'s crop; ``with_meta``: metas in place of end flags, ends kept.
         """
-        decode_fn = decode_fn or (
-            lambda example, seed_pair: self._decoded(example, seed_pair, True)
-        )
+        decode_fn = decode_fn or functools.partial(self._decoded, is_encoded=True)
         self._make_skip_state()
         skipped, unnamed = self._skipped, self._unnamed
 
