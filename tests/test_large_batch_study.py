@@ -414,6 +414,25 @@ def test_tiny_nesterov_and_lamb_runs_train_through_the_app(tmp_path):
         assert 0.0 <= summary["final_test_top1"] <= 1.0
 
 
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(MNIST_DIR, "train-images-idx3-ubyte.gz")),
+    reason=f"MNIST IDX files not found in {MNIST_DIR} (set LARS_TF_DATA_DIR)",
+)
+def test_a_run_the_app_stops_for_non_finite_steps_counts_as_chance(tmp_path):
+    config = dataclasses.replace(
+        _fair_template(),
+        batch_size=64,
+        base_lr=1e9,  # Non-finite within a few steps: the app stops after 3.
+        epochs=2,
+        model_params=0,
+        train_examples=256,
+    )
+    assert study.run_if_missing(config, str(tmp_path), MNIST_DIR)
+    (summary,) = study.load_summaries(str(tmp_path))
+    assert summary["loss_not_finite"] and summary["diverged"]
+    assert summary["final_val_top1"] == summary["final_test_top1"] == 0.1
+
+
 def _git_here(*args: str) -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.run(
