@@ -20,8 +20,7 @@ study="$study --output_dir=${STUDY_OUTPUT_DIR:-experiments/results}"
 # by what matters most if the queue is cut short.
 fair="$study --precise_bn"
 # F1. SGD and LARS: the selection at the base batch and at 64x (the largest)
-#     first, then the seeds at 64x, then those at the base batch (its spread
-#     over seeds was small in the first protocol).
+#     first, then the seeds at 64x, then those at the base batch.
 $fair --optimizers=sgd,lars --batch_sizes=128,8192 --repeat_seeds=
 $fair --optimizers=sgd,lars --batch_sizes=8192
 $fair --optimizers=sgd,lars --batch_sizes=128
