@@ -196,10 +196,9 @@ sys.stdin.read()
 """
 
 
-def test_one_run_per_folder_and_a_dead_holders_lock_is_taken_over(tmp_path, capfd):
-    model_dir = tmp_path / "run"
-    model_dir.mkdir()
-    holder = subprocess.Popen(
+def _start_lock_holder(model_dir) -> subprocess.Popen:
+    """A process running `_HOLDER` on `model_dir` (read "held" from it)."""
+    return subprocess.Popen(
         [sys.executable, "-c", _HOLDER, str(model_dir)],
         cwd=REPO_ROOT,
         env=dict(os.environ, PYTHONPATH=REPO_ROOT),
@@ -207,6 +206,12 @@ def test_one_run_per_folder_and_a_dead_holders_lock_is_taken_over(tmp_path, capf
         stdout=subprocess.PIPE,
         text=True,
     )
+
+
+def test_one_run_per_folder_and_a_dead_holders_lock_is_taken_over(tmp_path, capfd):
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    holder = _start_lock_holder(model_dir)
     try:
         assert holder.stdout.readline() == "held\n"
         before = _snapshot(model_dir)
@@ -294,14 +299,7 @@ def test_a_cluster_on_a_folder_another_run_holds_ends_in_one_line_per_worker(
     it in the set-up's first collective, is told its peer is gone (exit 3)."""
     model_dir = tmp_path / "run"
     model_dir.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(model_dir)],
-        cwd=REPO_ROOT,
-        env=dict(os.environ, PYTHONPATH=REPO_ROOT),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = _start_lock_holder(model_dir)
     workers = []
     try:
         assert holder.stdout.readline() == "held\n"
