@@ -364,6 +364,10 @@ class InputFn:
                     f"{_SHUT[0]} {path} ({error.strerror}; it held {count} {_SHUT[1]}"
                 ) from None
 
+    # Not converted by AutoGraph: the pipeline's functions branch with tf.cond,
+    # never with Python control flow on tensors, and converting them took
+    # about a quarter of a small run's start-up.
+    @tf.autograph.experimental.do_not_convert
     def __call__(
         self,
         input_context: tf.distribute.InputContext | None = None,
