@@ -31,6 +31,7 @@ markdown tables from the JSONs alone, with the budget replayed on them
 (``budget_run_ids``).
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -519,20 +520,36 @@ def run_if_missing(
     data_dir: str | None,
     record: dict | None = None,
 ) -> bool:
-    """Trains ``config`` unless its JSON exists; True when it trained. The
-    JSON holds the run's summary and ``record`` (``run_record``)."""
+    """Trains ``config`` unless its JSON exists or another process is
+    training it (the run's lock file beside the JSON); True when it trained.
+    The JSON holds the run's summary and ``record`` (``run_record``).
+
+    A JSON that cannot be written (a full disk, a read-only folder) exits 2
+    with one line naming the file, the summary printed on stderr."""
+    import train
+    from train import model_folder
+
     path = run_path(output_dir, config)
     if os.path.exists(path):
         logging.info("skip %s (done)", config.run_id)
         return False
-    logging.info("run %s (peak lr %g)", config.run_id, config.peak_lr)
-    summary = train_one(config, data_dir)
-    summary.update(record or {})
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = path + ".partial"
-    with open(partial, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(partial, path)  # A killed run never leaves a half-written JSON.
+    runs_dir = os.path.dirname(path)
+    try:
+        run_lock = model_folder.lock(runs_dir, f"{config.run_id}.lock")
+    except train.UserError as error:
+        logging.info("skip %s (another process trains it: %s)", config.run_id, error)
+        return False
+    try:
+        if os.path.exists(path):  # Finished between the check and the lock.
+            logging.info("skip %s (done)", config.run_id)
+            return False
+        logging.info("run %s (peak lr %g)", config.run_id, config.peak_lr)
+        summary = train_one(config, data_dir)
+        summary.update(record or {})
+        _write_json(path, summary)
+    finally:
+        if run_lock is not None:  # None for a folder behind a URL.
+            run_lock.release()
     tested = "val" if config.validation else "test"
     logging.info(
         "done %s: final %s top-1 %.4f, diverged %s, %.0f s",
@@ -1203,6 +1220,27 @@ def _part_value(name: str, settings: PartSettings, convert=None):
     if convert is not None:
         return tuple(convert(v) for v in value)
     return value
+
+
+def _write_json(path: str, summary: dict) -> None:
+    """Writes ``summary`` to ``path`` whole or not at all (a killed run never
+    leaves a half-written JSON); on an OSError, exits 2 with one line naming
+    the file, the summary on stderr so the run's result is not lost."""
+    partial = path + ".partial"
+    try:
+        with open(partial, "w") as f:
+            json.dump(summary, f, indent=1)
+        os.replace(partial, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        print(json.dumps(summary), file=sys.stderr)
+        print(
+            f"{path}: cannot write the run's JSON ({error.strerror}); its summary "
+            "is the line above. Free space or give a writable --output_dir.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def count_trainable_params(model_name: str, part: str, data_dir: str | None) -> int:

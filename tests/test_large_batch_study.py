@@ -526,3 +526,58 @@ def test_drop_difference_by_hand():
     assert study.drop_difference(same, same, same, same)["verdict"] == "contradicted"
     wide = [0.60, 0.70, 0.80]
     assert study.drop_difference(wide, same, same, same)["verdict"] == "not shown"
+
+
+def _fake_summary(config, data_dir):
+    return {
+        "run_id": config.run_id,
+        "final_val_top1": 0.5,
+        "diverged": False,
+        "wall_time_s": 1.0,
+    }
+
+
+def test_a_run_another_process_trains_is_skipped_then_trained_once_free(
+    tmp_path, monkeypatch
+):
+    from train import model_folder
+
+    config = dataclasses.replace(_fair_template(), base_lr=0.05, warmup_epochs=1.0)
+    runs_dir = tmp_path / "runs"
+    # flock conflicts between two opens of the file, in one process too.
+    held = model_folder.lock(str(runs_dir), f"{config.run_id}.lock")
+
+    def must_not_train(*args):
+        raise AssertionError("a run another process holds was trained")
+
+    monkeypatch.setattr(study, "train_one", must_not_train)
+    assert not study.run_if_missing(config, str(tmp_path), None)
+    assert study.load_summaries(str(tmp_path)) == []
+    held.release()
+
+    monkeypatch.setattr(study, "train_one", _fake_summary)
+    assert study.run_if_missing(config, str(tmp_path), None)
+    assert [s["run_id"] for s in study.load_summaries(str(tmp_path))] == [config.run_id]
+    assert sorted(os.listdir(runs_dir)) == [f"{config.run_id}.json"]  # No lock left.
+
+
+def test_a_json_that_cannot_be_written_exits_2_with_the_summary_on_stderr(
+    tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    config = dataclasses.replace(_fair_template(), base_lr=0.05, warmup_epochs=1.0)
+    monkeypatch.setattr(study, "train_one", _fake_summary)
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(study.os, "replace", disk_full)
+    with pytest.raises(SystemExit) as exit_info:
+        study.run_if_missing(config, str(tmp_path), None)
+    assert exit_info.value.code == 2
+    summary_line, message = capsys.readouterr().err.strip().split("\n")
+    assert json.loads(summary_line)["run_id"] == config.run_id
+    path = tmp_path / "runs" / f"{config.run_id}.json"
+    assert message.startswith(f"{path}: cannot write the run's JSON (No space left")
+    assert os.listdir(tmp_path / "runs") == []  # No partial file, no lock.
