@@ -32,6 +32,16 @@ def _run_config(**fields) -> study.RunConfig:
     return study.RunConfig(**{**defaults, **fields})
 
 
+def _fake_summary(config: study.RunConfig, data_dir) -> dict:
+    """In place of ``train_one``: a finished run's summary, without training."""
+    return {
+        "run_id": config.run_id,
+        "final_val_top1": 0.5,
+        "diverged": False,
+        "wall_time_s": 1.0,
+    }
+
+
 def _run_study(*flags: str) -> subprocess.CompletedProcess:
     """``python -m experiments.large_batch_study`` with ``flags``, from the
     repository root; its exit status and output."""
@@ -481,16 +491,7 @@ def test_a_fixed_setting_run_records_its_software_command_and_budget(tmp_path):
 
 def test_a_run_of_the_budget_rule_records_that_it_is_inside(tmp_path, monkeypatch):
     config = dataclasses.replace(_fair_template(), base_lr=0.05, warmup_epochs=1.0)
-    monkeypatch.setattr(
-        study,
-        "train_one",
-        lambda config, data_dir: {
-            "run_id": config.run_id,
-            "final_val_top1": 0.5,
-            "diverged": False,
-            "wall_time_s": 1.0,
-        },
-    )
+    monkeypatch.setattr(study, "train_one", _fake_summary)
     record = study.run_record(["python", "-m", "experiments.large_batch_study"], True)
     assert study.run_if_missing(config, str(tmp_path), None, record)
     (summary,) = study.load_summaries(str(tmp_path))
@@ -526,15 +527,6 @@ def test_drop_difference_by_hand():
     assert study.drop_difference(same, same, same, same)["verdict"] == "contradicted"
     wide = [0.60, 0.70, 0.80]
     assert study.drop_difference(wide, same, same, same)["verdict"] == "not shown"
-
-
-def _fake_summary(config, data_dir):
-    return {
-        "run_id": config.run_id,
-        "final_val_top1": 0.5,
-        "diverged": False,
-        "wall_time_s": 1.0,
-    }
 
 
 def test_a_run_another_process_trains_is_skipped_then_trained_once_free(
