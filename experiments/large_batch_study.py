@@ -770,7 +770,15 @@ def _base_epochs_of(group: list[dict], part_groups: dict) -> int | None:
 
 
 def budget_run_ids(summaries: Sequence[dict]) -> set[str]:
-    """The ids of the fair-protocol runs that the equal budget asks for.
+    """The ids of the fair-protocol runs that the equal budget asks for
+    (``replay_budget``'s first set)."""
+    return replay_budget(summaries)[0]
+
+
+def replay_budget(summaries: Sequence[dict]) -> tuple[set[str], set[str]]:
+    """The ids of the recorded fair-protocol runs that the equal budget asks
+    for, and of those that a selection still waiting for runs asked for
+    (pending: in or out once it is decided).
 
     Replays ``run_fair_protocol`` on the recorded runs, per part, setting and
     (batch, optimizer) found there, with the part's warm-ups and repeat seeds;
@@ -783,7 +791,7 @@ def budget_run_ids(summaries: Sequence[dict]) -> set[str]:
         config = config_of(summary)
         groups = by_part.setdefault(config.part, {})
         groups.setdefault(fair_setting_label(config), []).append(summary)
-    asked = set()
+    asked, pending = set(), set()
     for part, groups in by_part.items():
         for group in groups.values():
             template = dataclasses.replace(config_of(group[0]), seed=0)
@@ -804,7 +812,11 @@ def budget_run_ids(summaries: Sequence[dict]) -> set[str]:
                 )
                 if chosen[(batch, optimizer)] is not None:
                     asked |= cell
-    return asked & {s["run_id"] for s in summaries}
+                else:
+                    pending |= cell
+    recorded = {s["run_id"] for s in summaries}
+    # A larger batch's replay asks for its base's runs too.
+    return asked & recorded, (pending - asked) & recorded
 
 
 def fair_setting_label(config: RunConfig) -> str:
@@ -906,11 +918,14 @@ def fair_summary_table(
 
 
 def fair_runs_table(
-    summaries: Sequence[dict], in_budget: set[str] | None = None
+    summaries: Sequence[dict],
+    in_budget: set[str] | None = None,
+    pending: frozenset[str] = frozenset(),
 ) -> str:
     """Markdown, one row per run: the held-out split's top-1 only (the test
     set is shown for the chosen settings only, in ``fair_summary_table``),
-    and with ``in_budget`` whether the equal budget asked for the run."""
+    and with ``in_budget`` whether the equal budget asked for the run ("in",
+    "pending" for a run in ``pending``, "**outside**")."""
     budget = "" if in_budget is None else " budget |"
     lines = [
         "| batch | optimizer | base LR | peak LR | warm-up (epochs) | seed "
@@ -931,12 +946,14 @@ def fair_runs_table(
             f"| {s['peak_lr']:.4g} | {c['warmup_epochs']:g} | {c['seed']} "
             f"| {_percent(val_top1(s))} | {'yes' if s['diverged'] else 'no'} "
             f"| {s['wall_time_s']:.0f} |"
-            + ("" if in_budget is None else f" {_budget_word(s, in_budget)} |")
+            + ("" if in_budget is None else f" {_budget_word(s, in_budget, pending)} |")
         )
     return "\n".join(lines)
 
 
-def _budget_word(summary: dict, in_budget: set[str]) -> str:
+def _budget_word(summary: dict, in_budget: set[str], pending: frozenset[str]) -> str:
+    if summary["run_id"] in pending:
+        return "pending"
     return "in" if summary["run_id"] in in_budget else "**outside**"
 
 
@@ -1097,12 +1114,16 @@ def _base_elsewhere(group: list[dict], groups: dict) -> list[dict] | None:
 
 
 def write_fair_report(
-    summaries: Sequence[dict], seed: int = 0, in_budget: set[str] | None = None
+    summaries: Sequence[dict],
+    seed: int = 0,
+    in_budget: set[str] | None = None,
+    pending: frozenset[str] = frozenset(),
 ) -> str:
     """Markdown sections of the fair protocol's runs, per setting. With
-    ``in_budget`` (``budget_run_ids``) the choices are made among those runs
-    only, each larger batch's drop against its own optimizer's base follows,
-    and the runs outside the budget get a table of their own."""
+    ``in_budget`` and ``pending`` (``replay_budget``) the choices are made
+    among the runs in the budget only, each larger batch's drop against its
+    own optimizer's base follows, and the runs outside the budget (neither in
+    nor pending) get a table of their own."""
     groups = {}
     for summary in summaries:
         groups.setdefault(fair_setting_label(config_of(summary)), []).append(summary)
@@ -1115,11 +1136,13 @@ def write_fair_report(
             fair_summary_table(group, seed, elsewhere, in_budget),
         ]
         if in_budget is not None:
-            sections += _budget_sections(label, group, elsewhere, seed, in_budget)
+            sections += _budget_sections(
+                label, group, elsewhere, seed, in_budget, pending
+            )
         sections += [
             f"## Fair protocol, {label}: every run ({len(group)} finished; "
             "held-out split only)",
-            fair_runs_table(group, in_budget),
+            fair_runs_table(group, in_budget, pending),
         ]
     return "\n\n".join(sections)
 
@@ -1130,16 +1153,19 @@ def _budget_sections(
     elsewhere: list[dict] | None,
     seed: int,
     in_budget: set[str],
+    pending: frozenset[str],
 ) -> list[str]:
     """The drop table against each optimizer's own base and the table of the
-    runs outside the budget, for one setting's ``group``."""
+    runs outside the budget (neither in it nor ``pending``), for one
+    setting's ``group``."""
+    asked = in_budget | pending
     base_batch = config_of(group[0]).base_batch_size
     base_runs = elsewhere or [
         s for s in group if s["config"]["batch_size"] == base_batch
     ]
     if not base_runs:
         return []
-    outside = any(s["run_id"] not in in_budget for s in base_runs)
+    outside = any(s["run_id"] not in asked for s in base_runs)
     epochs = base_runs[0]["config"]["epochs"]
     note = f"; {epochs} epochs" + ("; outside the budget" if outside else "")
     rows = fair_summary_rows(group, seed, in_budget)
@@ -1152,11 +1178,11 @@ def _budget_sections(
     differences = drop_difference_line(rows, base_rows)
     if differences:
         sections.append(differences)
-    if any(s["run_id"] not in in_budget for s in group):
+    if any(s["run_id"] not in asked for s in group):
         sections += [
             f"## Fair protocol, {label}: settings run outside the budget "
             "(in no choice above)",
-            outside_budget_table(group, in_budget),
+            outside_budget_table(group, asked),
         ]
     return sections
 
@@ -1203,7 +1229,7 @@ def write_report(output_dir: str, report_dir: str, part: str, seed: int) -> str:
     summaries = [s for s in load_summaries(output_dir) if s["config"]["part"] == part]
     if not summaries:
         raise FileNotFoundError(f"no {part} runs in {output_dir}/runs")
-    markdown = write_fair_report(summaries, seed, budget_run_ids(summaries))
+    markdown = write_fair_report(summaries, seed, *replay_budget(summaries))
     os.makedirs(report_dir, exist_ok=True)
     with open(os.path.join(report_dir, f"{part}.md"), "w") as f:
         f.write(markdown + "\n")

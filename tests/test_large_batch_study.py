@@ -284,6 +284,29 @@ def test_report_replays_the_budget_and_marks_the_runs_outside_it():
     assert report.count("| **outside** |") == 4
 
 
+def test_report_marks_the_runs_of_a_selection_still_waiting_as_pending():
+    run, load, _ = _fake_fair_runner(_val_top1_with_low_edge)
+    study.run_fair_protocol(
+        _fair_template(), [128, 8192], ["sgd"], (1.0, 2.0), (1, 2), run, load
+    )
+    # 8192 waits for its runs at 2 warm-up epochs and seeds 1-2.
+    summaries = [
+        s
+        for s in load()
+        if s["config"]["batch_size"] == 128 or s["config"]["warmup_epochs"] == 1.0
+    ]
+    in_budget, pending = study.replay_budget(summaries)
+    by_batch = lambda ids: sorted(  # noqa: E731
+        s["config"]["batch_size"] for s in summaries if s["run_id"] in ids
+    )
+    # The base's 3 rates, its second warm-up and seeds 1-2; 8192's 4 rates.
+    assert by_batch(in_budget) == [128] * 6
+    assert by_batch(pending) == [8192] * 4
+    report = study.write_fair_report(summaries, 0, in_budget, pending)
+    assert report.count("| pending |") == 4
+    assert "**outside**" not in report and "outside the budget (in no" not in report
+
+
 def test_report_writes_the_parts_markdown_from_its_jsons_only(tmp_path):
     run, load, _ = _fake_fair_runner(_val_top1_with_low_edge)
     study.run_fair_protocol(_fair_template(), [128], ["sgd"], (1.0,), (), run, load)
