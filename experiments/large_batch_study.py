@@ -28,7 +28,7 @@ final held-out and test top-1, diverged flag, wall time, and ``run_record``:
 commit, versions, command, budget). Runs whose JSON exists are skipped, so the
 study can be stopped and restarted at any time; ``--report`` rebuilds the
 markdown tables from the JSONs alone, with the budget replayed on them
-(``budget_run_ids``).
+(``replay_budget``).
 """
 
 import contextlib
@@ -767,12 +767,6 @@ def _base_epochs_of(group: list[dict], part_groups: dict) -> int | None:
     larger = [s for s in group if s["config"]["batch_size"] != base]
     elsewhere = _base_elsewhere(larger or group, part_groups)
     return elsewhere[0]["config"]["epochs"] if elsewhere else None
-
-
-def budget_run_ids(summaries: Sequence[dict]) -> set[str]:
-    """The ids of the fair-protocol runs that the equal budget asks for
-    (``replay_budget``'s first set)."""
-    return replay_budget(summaries)[0]
 
 
 def replay_budget(summaries: Sequence[dict]) -> tuple[set[str], set[str]]:

@@ -257,7 +257,7 @@ def test_report_replays_the_budget_and_marks_the_runs_outside_it():
     longer = dataclasses.replace(template, epochs=10)
     study.run_fair_protocol(longer, [128], ["sgd"], (), (), run, load, (0.05, 1.0))
     summaries = load()
-    in_budget = study.budget_run_ids(summaries)
+    in_budget, _ = study.replay_budget(summaries)
     key = lambda s: tuple(  # noqa: E731
         s["config"][k] for k in ("batch_size", "base_lr", "warmup_epochs", "seed")
     )
