@@ -535,7 +535,9 @@ def run_if_missing(
         return False
     runs_dir = os.path.dirname(path)
     try:
-        run_lock = model_folder.lock(runs_dir, f"{config.run_id}.lock")
+        run_lock = model_folder.lock(
+            runs_dir, f"{config.run_id}.lock", flag="--output_dir"
+        )
     except train.UserError as error:
         logging.info("skip %s (another process trains it: %s)", config.run_id, error)
         return False

@@ -553,7 +553,7 @@ def test_drop_difference_by_hand():
 
 
 def test_a_run_another_process_trains_is_skipped_then_trained_once_free(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, caplog
 ):
     from train import model_folder
 
@@ -566,7 +566,9 @@ def test_a_run_another_process_trains_is_skipped_then_trained_once_free(
         raise AssertionError("a run another process holds was trained")
 
     monkeypatch.setattr(study, "train_one", must_not_train)
-    assert not study.run_if_missing(config, str(tmp_path), None)
+    with caplog.at_level("INFO"):
+        assert not study.run_if_missing(config, str(tmp_path), None)
+    assert f"--output_dir={runs_dir} is in use by another run (pid" in caplog.text
     assert study.load_summaries(str(tmp_path)) == []
     held.release()
 

@@ -326,10 +326,12 @@ class FolderLock:
         self._fd = None
 
 
-def lock(folder: str, name: str = LOCK_FILE) -> FolderLock | None:
+def lock(
+    folder: str, name: str = LOCK_FILE, flag: str = "--model_dir"
+) -> FolderLock | None:
     """Holds `folder`/`name` for this process until `FolderLock.release` or
     the process's end; None for a folder behind a URL (`gs://...`), where
-    files cannot be locked.
+    files cannot be locked. `flag` names the folder in the messages.
 
     A lock file left by a process that is gone (killed: it could not remove
     its file) is taken over, with a line on stderr naming it.
@@ -347,8 +349,8 @@ def lock(folder: str, name: str = LOCK_FILE) -> FolderLock | None:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
             raise UserError(
-                f"--model_dir={folder}: cannot create its lock file {path} "
-                f"({error.strerror}); give a writable --model_dir"
+                f"{flag}={folder}: cannot create its lock file {path} "
+                f"({error.strerror}); give a writable {flag}"
             ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -356,9 +358,9 @@ def lock(folder: str, name: str = LOCK_FILE) -> FolderLock | None:
             holder = _holder(fd)
             os.close(fd)
             raise UserError(
-                f"--model_dir={folder} is in use by another run "
+                f"{flag}={folder} is in use by another run "
                 f"({holder or 'a process'}; lock file {path}): wait for it to "
-                "end, or give another --model_dir"
+                f"end, or give another {flag}"
             ) from None
         try:  # The file the holder removed on release is not the lock any more.
             if os.path.samestat(os.fstat(fd), os.stat(path)):
@@ -381,8 +383,7 @@ def lock(folder: str, name: str = LOCK_FILE) -> FolderLock | None:
     except OSError as error:
         held.release()
         raise UserError(
-            f"--model_dir={folder}: cannot write its lock file {path} "
-            f"({error.strerror})"
+            f"{flag}={folder}: cannot write its lock file {path} ({error.strerror})"
         ) from None
     return held
 
