@@ -1289,9 +1289,9 @@ def _command() -> list[str]:
 def main(argv: list[str]) -> None:
     del argv
     # Unlike train.main with --deterministic, oneDNN's CPU kernels stay on:
-    # without them resnet8 trained at 0.65x the speed here, and they change
-    # a rerun's results in the last bits only (data order, weights and
-    # augmentation are fixed by the seed).
+    # they train resnet8 markedly faster on CPU, and they change a rerun's
+    # results in the last bits only (data order, weights and augmentation are
+    # fixed by the seed).
     if FLAGS.report:
         print(write_report(FLAGS.output_dir, FLAGS.report_dir, FLAGS.part, FLAGS.seed))
         return

@@ -23,9 +23,10 @@ def _load_lars_tf_validation():
     """`lars_tf.validation`, loaded without running `lars_tf/__init__.py`.
 
     `import lars_tf` imports Keras, and so TensorFlow, to register its classes
-    for saving: 6 s here against 0.17 s for a bad flag's whole run. Loading the
-    one pure-Python module by its path lets the flags be checked first; it is
-    entered in `sys.modules`, so a later `import lars_tf` uses this module.
+    for saving: seconds, where a bad flag's whole run takes a fraction of one.
+    Loading the one pure-Python module by its path lets the flags be checked
+    first; it is entered in `sys.modules`, so a later `import lars_tf` uses
+    this module.
     """
     name = "lars_tf.validation"
     if name in sys.modules:

@@ -365,8 +365,8 @@ class InputFn:
                 ) from None
 
     # Not converted by AutoGraph: the pipeline's functions branch with tf.cond,
-    # never with Python control flow on tensors, and converting them took
-    # about a quarter of a small run's start-up.
+    # never with Python control flow on tensors, so converting them would only
+    # lengthen the run's start-up.
     @tf.autograph.experimental.do_not_convert
     def __call__(
         self,

@@ -140,8 +140,8 @@ def random_flip_left_right(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """Bilinear resize (half-pixel centers) to image_size x image_size, float32
     in the input's units."""
-    # Cast first: TF's bilinear resize of a float image took about 2/3 of the
-    # time of the same resize of the uint8 image here (same result).
+    # Cast first: TF's bilinear resize is faster on a float image than on the
+    # uint8 one, same result (BENCHMARKS.md, "Preprocessing steps").
     image = tf.cast(image, tf.float32)
     return tf.image.resize(image, [image_size, image_size], method="bilinear")
 
@@ -167,8 +167,8 @@ def normalize(
 
     For one image [H, W, C] or a batch [N, H, W, C], float in 0-255 units. The
     per-channel affine map is a 1x1 convolution with a diagonal kernel plus a
-    bias: on CPU that runs about 4x faster than broadcast multiply and add,
-    which made normalization cost more than JPEG decoding in the input pipeline.
+    bias: on CPU that runs several times faster than a broadcast multiply and
+    add, which cost more than JPEG decoding in the input pipeline.
     """
     scale = [1.0 / s for s in stddev]
     offset = [-m / s for m, s in zip(mean, stddev, strict=True)]
