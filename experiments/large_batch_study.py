@@ -447,7 +447,7 @@ def _study_summary(
     """The study's summary of a run from the app's summary.json contents
     (``result``; None for a run stopped by non-finite steps, which counts as
     chance)."""
-    chance = 1.0 / app.num_classes
+    chance = 1.0 / app.data.num_classes
     steps_per_epoch = app.train_steps // config.epochs
     history = (result or {}).get("history", [])
     val_curve = [entry["holdout"]["top1"] for entry in history]

@@ -74,14 +74,18 @@ def test_recipe_parses_and_builds_model_and_optimizer(name, tmp_path):
         steps_per_epoch,
     )
     assert c.train_steps == round(epochs * steps_per_epoch)
-    assert (c.source, c.optimizer, c.lr_schedule, c.poly_power) == (
+    assert (c.data.name, c.optimizer, c.lr_schedule, c.poly_power) == (
         "imagenet",
         "lars",
         "poly",
         2.0,
     )
     augmentation = "extended" if name.startswith("mlperf") else "minimal"
-    assert (c.num_classes, c.image_size, c.augmentation) == (1000, 224, augmentation)
+    assert (c.data.num_classes, c.data.image_size, c.augmentation) == (
+        1000,
+        224,
+        augmentation,
+    )
     assert c.label_smoothing == smoothing
     assert c.exclude_bias_and_norm is excluded
     assert c.warmup_steps == round(warmup * steps_per_epoch)

@@ -39,7 +39,7 @@ def test_defaults_resolve_every_derived_fact(tmp_path):
     assert c.steps_per_epoch == steps_per_epoch == 312
     assert c.train_steps == round(3 * 312) and c.warmup_steps == round(0.5 * 312)
     assert c.peak_learning_rate == pytest.approx(0.4 * 4096 / 256)
-    assert (c.image_size, c.channels, c.num_classes) == (224, 3, 10)
+    assert (c.data.image_size, c.data.channels, c.data.num_classes) == (224, 3, 10)
     assert c.augmentation == "none" and c.replicas == 1
     assert c.checkpoint_every_steps == 312 and c.eval_every_steps == 0
     assert c.lr_decay_steps == (30 * 312, 60 * 312, 80 * 312)

@@ -91,12 +91,14 @@ def test_loop_drives_keras_callbacks_checkpoints_and_exports_the_model(tmp_path)
     exported = keras.saving.load_model(str(tmp_path / trainer.MODEL_FILE))
     from train import models
 
-    restored = models.build_model(c.model, c.num_classes, c.image_size, c.channels)
+    restored = models.build_model(
+        c.model, c.data.num_classes, c.data.image_size, c.data.channels
+    )
     tf.train.Checkpoint(model=restored).read(
         tf.train.latest_checkpoint(str(tmp_path))
     ).expect_partial()
     normalized = np.random.default_rng(0).normal(size=(4, 16, 16, 3))
-    pixels = normalized * np.array(c.std) + np.array(c.mean)
+    pixels = normalized * np.array(c.data.std) + np.array(c.data.mean)
     np.testing.assert_allclose(
         exported.predict(pixels.astype("float32"), verbose=0),
         restored(normalized.astype("float32"), training=False).numpy(),
@@ -141,11 +143,11 @@ def _poison_steps(monkeypatch, steps: set[int]) -> None:
 def test_trust_ratio_probe_is_normalized_as_in_the_training_step(tmp_path):
     c = _config(tmp_path, train_steps=2, trust_ratio_every_steps=1)
     input_fn = trainer.data.make_input_fn(
-        source=c.data_source(), split="train", global_batch_size=4, dtype="uint8"
+        source=c.data, split="train", global_batch_size=4, dtype="uint8"
     )
     pixels, labels = next(iter(input_fn()))
     monitor = trainer._trust_ratio_monitor(c, input_fn, None)
-    expected = (pixels.numpy().astype(np.float64) - c.mean) / np.array(c.std)
+    expected = (pixels.numpy().astype(np.float64) - c.data.mean) / np.array(c.data.std)
     assert pixels.dtype == tf.uint8 and monitor.probe_x.dtype == tf.float32
     np.testing.assert_allclose(monitor.probe_x[:4], expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(monitor.probe_y[:4], labels)
@@ -203,7 +205,9 @@ def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_checkpoint(
     # The checkpoint holds the weights of step 3.
     from train import models
 
-    restored = models.build_model(c.model, c.num_classes, c.image_size, c.channels)
+    restored = models.build_model(
+        c.model, c.data.num_classes, c.data.image_size, c.data.channels
+    )
     tf.train.Checkpoint(model=restored).read(str(tmp_path / "ckpt-3")).expect_partial()
     for saved, recorded in zip(restored.weights, recorder.states[3][0]):
         np.testing.assert_array_equal(saved.numpy(), recorded)

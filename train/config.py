@@ -566,40 +566,6 @@ class Config:
     # The flag values as given, for the record in the model folder.
     flags: dict = dataclasses.field(compare=False, repr=False)
 
-    @property
-    def source(self) -> str:
-        """The data source's name (never "auto")."""
-        return self.data.name
-
-    @property
-    def image_size(self) -> int:
-        """Side of the square input images, in pixels."""
-        return self.data.image_size
-
-    @property
-    def channels(self) -> int:
-        """Colour channels of the input images."""
-        return self.data.channels
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes the model predicts."""
-        return self.data.num_classes
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        """Per-channel mean of the input normalization, in 0-255 units."""
-        return self.data.mean
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        """Per-channel standard deviation of the input normalization."""
-        return self.data.std
-
-    def data_source(self) -> sources.Source:
-        """The data's facts (`data`), as `train.data.make_input_fn` takes them."""
-        return self.data
-
     def to_dict(self) -> dict:
         """The fields as JSON-ready values (tuples as lists), the data's facts
         among them (`source`: its name), as config.json and summary.json keep

@@ -60,7 +60,7 @@ def _per_example_loss_fn(config: Config) -> Callable:
     )
 
     def per_example_loss(logits, labels):
-        one_hot = tf.one_hot(labels, config.num_classes, dtype=tf.float32)
+        one_hot = tf.one_hot(labels, config.data.num_classes, dtype=tf.float32)
         return cross_entropy(one_hot, logits)
 
     return per_example_loss
@@ -72,7 +72,7 @@ def _make_forward_backward(
     """images, labels -> this replica's loss (its share of the global-batch
     mean), correct predictions, and gradients (of the scaled loss)."""
     per_example_loss = _per_example_loss_fn(config)
-    source = config.data_source()
+    source = config.data
     compute_dtype = keras.mixed_precision.global_policy().compute_dtype
     l2_loss = optimizers.l2_loss_fn(config, model)
 
@@ -195,9 +195,9 @@ def _make_evaluate(
     """One pass over a distributed dataset: sums of loss, top-1 and top-k
     (k = 5, or the class count if fewer) hits, and examples."""
     per_example_loss = _per_example_loss_fn(config)
-    source = config.data_source()
+    source = config.data
     compute_dtype = keras.mixed_precision.global_policy().compute_dtype
-    top_k = min(5, config.num_classes)
+    top_k = min(5, config.data.num_classes)
 
     def eval_sums(images, labels):
         images = data.normalize(images, source, compute_dtype)
@@ -284,7 +284,7 @@ def recompute_bn_statistics(
     layers = batch_norm_layers(model)
     if not layers:
         return
-    source = config.data_source()
+    source = config.data
     compute_dtype = keras.mixed_precision.global_policy().compute_dtype
 
     def replica_moments(batch):

@@ -117,10 +117,10 @@ def summary(
         "model_dir": os.path.abspath(config.model_dir),
         "flags": config.flags,
         "config": config.to_dict(),
-        "source": config.source,
-        "image_size": config.image_size,
+        "source": config.data.name,
+        "image_size": config.data.image_size,
         "augmentation": config.augmentation,
-        "num_classes": config.num_classes,
+        "num_classes": config.data.num_classes,
         "num_replicas": num_replicas,
         "steps": progress.step,
         "steps_per_epoch": config.steps_per_epoch,
@@ -179,10 +179,11 @@ def export_model(model: keras.Model, config: Config) -> None:
     takes images of pixel values 0-255 (as `keras.saving.load_model(path)`);
     written to a temporary file first, then renamed."""
     path = os.path.join(config.model_dir, MODEL_FILE)
-    mean = np.array(config.mean, np.float32)
-    std = np.array(config.std, np.float32)
+    mean = np.array(config.data.mean, np.float32)
+    std = np.array(config.data.std, np.float32)
     inputs = keras.Input(
-        (config.image_size, config.image_size, config.channels), name="pixels"
+        (config.data.image_size, config.data.image_size, config.data.channels),
+        name="pixels",
     )
     normalized = keras.layers.Normalization(
         mean=mean, variance=std**2, name="normalization"

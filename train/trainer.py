@@ -229,9 +229,9 @@ def _make_input_fns(config: Config) -> tuple:
     """The training and validation input functions, delivering uint8 pixels
     (4x fewer bytes than float32); the steps normalize them on the device."""
     input_settings = dict(
-        source=config.data_source(),
+        source=config.data,
         global_batch_size=config.global_batch_size,
-        image_size=config.image_size,
+        image_size=config.data.image_size,
         dtype="uint8",
         seed=config.seed,
         cache=config.cache,
@@ -262,7 +262,10 @@ def _build(config: Config, strategy: tf.distribute.Strategy) -> tuple:
     scope."""
     with strategy.scope():
         model = models.build_model(
-            config.model, config.num_classes, config.image_size, config.channels
+            config.model,
+            config.data.num_classes,
+            config.data.image_size,
+            config.data.channels,
         )
         optimizer = optimizers.build_optimizer(config, model)
         # Where compile() would put it: Keras callbacks (LearningRateWarmup,
@@ -278,8 +281,8 @@ def _build(config: Config, strategy: tf.distribute.Strategy) -> tuple:
 def _log_start(config, strategy, latest: str | None, start_step: int, log) -> None:
     """The run's first lines: what trains where, and from which checkpoint."""
     log(
-        f"{config.model} on {config.source} ({config.num_classes} classes, "
-        f"{config.image_size}x{config.image_size}x{config.channels}), "
+        f"{config.model} on {config.data.name} ({config.data.num_classes} classes, "
+        f"{config.data.image_size}x{config.data.image_size}x{config.data.channels}), "
         f"{config.optimizer} at global batch {config.global_batch_size} on "
         f"{strategy.num_replicas_in_sync} replica(s) ({config.strategy}); "
         f"{config.train_steps} steps, {config.steps_per_epoch} per epoch"
@@ -570,7 +573,7 @@ def _trust_ratio_monitor(
     """
     images, labels = next(iter(train_input_fn(None).unbatch().batch(256).take(1)))
     compute_dtype = keras.mixed_precision.global_policy().compute_dtype
-    probe = (data.normalize(images, config.data_source(), compute_dtype), labels)
+    probe = (data.normalize(images, config.data, compute_dtype), labels)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return lars_tf.TrustRatioMonitor(
         probe_batch=probe,
