@@ -771,10 +771,13 @@ def _base_epochs_of(group: list[dict], part_groups: dict) -> int | None:
     return elsewhere[0]["config"]["epochs"] if elsewhere else None
 
 
-def replay_budget(summaries: Sequence[dict]) -> tuple[set[str], set[str]]:
+def replay_budget(
+    summaries: Sequence[dict],
+) -> tuple[set[str], set[str], set[str]]:
     """The ids of the recorded fair-protocol runs that the equal budget asks
-    for, and of those that a selection still waiting for runs asked for
-    (pending: in or out once it is decided).
+    for, of those that a selection still waiting for runs asked for
+    (pending: in or out once it is decided), and of the seed-0 runs the
+    selections chose (the run path's choice, first of equals in grid order).
 
     Replays ``run_fair_protocol`` on the recorded runs, per part, setting and
     (batch, optimizer) found there, with the part's warm-ups and repeat seeds;
@@ -787,7 +790,7 @@ def replay_budget(summaries: Sequence[dict]) -> tuple[set[str], set[str]]:
         config = config_of(summary)
         groups = by_part.setdefault(config.part, {})
         groups.setdefault(fair_setting_label(config), []).append(summary)
-    asked, pending = set(), set()
+    asked, pending, choices = set(), set(), set()
     for part, groups in by_part.items():
         for group in groups.values():
             template = dataclasses.replace(config_of(group[0]), seed=0)
@@ -808,11 +811,12 @@ def replay_budget(summaries: Sequence[dict]) -> tuple[set[str], set[str]]:
                 )
                 if chosen[(batch, optimizer)] is not None:
                     asked |= cell
+                    choices.add(chosen[(batch, optimizer)].run_id)
                 else:
                     pending |= cell
     recorded = {s["run_id"] for s in summaries}
     # A larger batch's replay asks for its base's runs too.
-    return asked & recorded, (pending - asked) & recorded
+    return asked & recorded, (pending - asked) & recorded, choices
 
 
 def fair_setting_label(config: RunConfig) -> str:
@@ -824,13 +828,17 @@ def fair_setting_label(config: RunConfig) -> str:
 
 
 def fair_summary_rows(
-    summaries: Sequence[dict], seed: int = 0, in_budget: set[str] | None = None
+    summaries: Sequence[dict],
+    seed: int = 0,
+    in_budget: set[str] | None = None,
+    choices: set[str] = frozenset(),
 ) -> list[dict]:
     """Per (batch, optimizer) of one setting: the seed-``seed`` run chosen on
     the held-out split (among every rate and warm-up tried; only runs in
-    ``in_budget`` when given), its validation top-1, and the test top-1 of
-    that setting over every seed that ran it and over the fresh seeds (all
-    but ``seed``, the selection's) alone."""
+    ``in_budget`` when given; of equals, the one in ``choices``, the
+    selection's own, else the first), its validation top-1, and the test
+    top-1 of that setting over every seed that ran it and over the fresh
+    seeds (all but ``seed``, the selection's) alone."""
     if in_budget is not None:
         summaries = [s for s in summaries if s["run_id"] in in_budget]
     rows = []
@@ -848,7 +856,7 @@ def fair_summary_rows(
         ]
         if not tried:
             continue
-        pick = max(tried, key=val_top1)
+        pick = max(tried, key=lambda s: (val_top1(s), s["run_id"] in choices))
         same = _without_seed(pick)
         repeats = [s for s in summaries if _without_seed(s) == same]
         tests = [s["final_test_top1"] for s in repeats]
@@ -880,13 +888,14 @@ def fair_summary_table(
     seed: int = 0,
     base_summaries: Sequence[dict] | None = None,
     in_budget: set[str] | None = None,
+    choices: set[str] = frozenset(),
 ) -> str:
     """Markdown of ``fair_summary_rows``, with the gap of the mean test top-1 to
     the base batch's (smallest batch's) best mean test top-1 over optimizers:
     of ``base_summaries`` when given (a base batch trained for another number
     of epochs, ``--base_epochs``), else of ``summaries``."""
-    rows = fair_summary_rows(summaries, seed, in_budget)
-    base_rows = fair_summary_rows(base_summaries or summaries, seed)
+    rows = fair_summary_rows(summaries, seed, in_budget, choices)
+    base_rows = fair_summary_rows(base_summaries or summaries, seed, None, choices)
     base = min(r["batch"] for r in base_rows)
     base_best = max(r["test_mean"] for r in base_rows if r["batch"] == base)
     base_epochs = ""
@@ -1114,12 +1123,13 @@ def write_fair_report(
     seed: int = 0,
     in_budget: set[str] | None = None,
     pending: frozenset[str] = frozenset(),
+    choices: set[str] = frozenset(),
 ) -> str:
     """Markdown sections of the fair protocol's runs, per setting. With
-    ``in_budget`` and ``pending`` (``replay_budget``) the choices are made
-    among the runs in the budget only, each larger batch's drop against its
-    own optimizer's base follows, and the runs outside the budget (neither in
-    nor pending) get a table of their own."""
+    ``in_budget``, ``pending`` and ``choices`` (``replay_budget``) the choices
+    are the selections' own, made among the runs in the budget only; each
+    larger batch's drop against its own optimizer's base follows, and the runs
+    outside the budget (neither in nor pending) get a table of their own."""
     groups = {}
     for summary in summaries:
         groups.setdefault(fair_setting_label(config_of(summary)), []).append(summary)
@@ -1129,11 +1139,11 @@ def write_fair_report(
         sections += [
             f"## Fair protocol, {label}: chosen on the held-out split (seed "
             f"{seed}); test top-1 mean ± sample std over seeds",
-            fair_summary_table(group, seed, elsewhere, in_budget),
+            fair_summary_table(group, seed, elsewhere, in_budget, choices),
         ]
         if in_budget is not None:
             sections += _budget_sections(
-                label, group, elsewhere, seed, in_budget, pending
+                label, group, elsewhere, seed, in_budget, pending, choices
             )
         sections += [
             f"## Fair protocol, {label}: every run ({len(group)} finished; "
@@ -1150,6 +1160,7 @@ def _budget_sections(
     seed: int,
     in_budget: set[str],
     pending: frozenset[str],
+    choices: set[str],
 ) -> list[str]:
     """The drop table against each optimizer's own base and the table of the
     runs outside the budget (neither in it nor ``pending``), for one
@@ -1164,8 +1175,8 @@ def _budget_sections(
     outside = any(s["run_id"] not in asked for s in base_runs)
     epochs = base_runs[0]["config"]["epochs"]
     note = f"; {epochs} epochs" + ("; outside the budget" if outside else "")
-    rows = fair_summary_rows(group, seed, in_budget)
-    base_rows = fair_summary_rows(base_runs, seed)
+    rows = fair_summary_rows(group, seed, in_budget, choices)
+    base_rows = fair_summary_rows(base_runs, seed, None, choices)
     sections = [
         f"## Fair protocol, {label}: drop against each optimizer's own base "
         f"(in-budget choices; fresh seeds: all but seed {seed})",

@@ -257,7 +257,7 @@ def test_report_replays_the_budget_and_marks_the_runs_outside_it():
     longer = dataclasses.replace(template, epochs=10)
     study.run_fair_protocol(longer, [128], ["sgd"], (), (), run, load, (0.05, 1.0))
     summaries = load()
-    in_budget, _ = study.replay_budget(summaries)
+    in_budget, _, _ = study.replay_budget(summaries)
     key = lambda s: tuple(  # noqa: E731
         s["config"][k] for k in ("batch_size", "base_lr", "warmup_epochs", "seed")
     )
@@ -284,6 +284,25 @@ def test_report_replays_the_budget_and_marks_the_runs_outside_it():
     assert report.count("| **outside** |") == 4
 
 
+def test_report_shows_the_selections_own_choice_when_warm_ups_tie():
+    # Both warm-ups score the same at every rate: the selection keeps the
+    # first in grid order (1 epoch) and repeats it with seeds 1-2.
+    run, load, _ = _fake_fair_runner(
+        lambda c: 0.9 - 0.01 * abs(math.log(c.base_lr / 0.05)) + 0.001 * c.seed
+    )
+    study.run_fair_protocol(
+        _fair_template(), [128], ["sgd"], (1.0, 2.0), (1, 2), run, load
+    )
+    # Listed with the 2-epoch run first, as file names can sort.
+    summaries = sorted(load(), key=lambda s: -s["config"]["warmup_epochs"])
+    budget = study.replay_budget(summaries)
+    report = study.write_fair_report(summaries, 0, *budget)
+    # Warm-up 1, seeds 0-2: test 1 - held-out = 10.00, 9.90, 9.80.
+    assert "| 128 | sgd | 4 | 0.05 | 0.05 | 1 | 90.00 | 9.90 ± 0.10 | 3 | +0.00 |" in (
+        report
+    )
+
+
 def test_report_marks_the_runs_of_a_selection_still_waiting_as_pending():
     run, load, _ = _fake_fair_runner(_val_top1_with_low_edge)
     study.run_fair_protocol(
@@ -295,7 +314,7 @@ def test_report_marks_the_runs_of_a_selection_still_waiting_as_pending():
         for s in load()
         if s["config"]["batch_size"] == 128 or s["config"]["warmup_epochs"] == 1.0
     ]
-    in_budget, pending = study.replay_budget(summaries)
+    in_budget, pending, _ = study.replay_budget(summaries)
     by_batch = lambda ids: sorted(  # noqa: E731
         s["config"]["batch_size"] for s in summaries if s["run_id"] in ids
     )
