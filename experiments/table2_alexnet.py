@@ -7,7 +7,8 @@ layers (the motivation for a per-layer rate). This script computes the same
 numbers for the app's ``alexnet`` (Caffe's bvlc_alexnet: two-group conv2/4/5,
 LRN after conv1 and conv2, dropout in fc6/fc7, 1000 classes) initialised as
 the paper's norms imply, on one batch of real ImageNet photographs from
-Imagenette, and prints them beside the paper's (``../shared/paper/TABLES.md``)::
+Imagenette, and prints them beside the paper's (read from ``--paper_tables``,
+default ``../shared/paper/TABLES.md``)::
 
     python -m experiments.table2_alexnet --batch_size=128
 
@@ -39,18 +40,7 @@ import numpy as np
 from absl import app, flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The paper's Table 2 as printed, read with the labels swapped: {layer:
-# ((||w||, ||g||, ratio) of the weights, (||w||, ||g||, ratio) of the biases)}.
-PAPER_TABLE2 = {
-    "conv1": ((1.86, 0.22, 8.48), (0.098, 0.017, 5.76)),
-    "conv2": ((5.546, 0.165, 33.6), (0.16, 0.002, 83.5)),
-    "conv3": ((9.40, 0.135, 69.9), (0.196, 0.0015, 127)),
-    "conv4": ((8.15, 0.109, 74.6), (0.196, 0.0013, 148)),
-    "conv5": ((6.65, 0.09, 73.6), (0.16, 0.0002, 69)),
-    "fc6": ((30.7, 0.26, 117), (6.4, 0.005, 1345)),
-    "fc7": ((20.5, 0.30, 68), (6.4, 0.013, 489)),
-    "fc8": ((20.2, 0.22, 93), (0.316, 0.016, 19)),
-}
+PAPER_TABLES = os.path.join(os.path.dirname(REPO_ROOT), "shared", "paper", "TABLES.md")
 # Caffe's Gaussian std for the weights and constant for the biases, per layer.
 CAFFE_INIT = {
     "conv1": (0.01, 0.01),
@@ -99,10 +89,40 @@ def define_flags() -> None:
         "<shared data>/imagenette2-224/train.",
     )
     flags.DEFINE_string(
+        "paper_tables",
+        PAPER_TABLES,
+        "The paper's tables in markdown (shared/paper/TABLES.md); its Table 2 "
+        "is printed beside ours.",
+    )
+    flags.DEFINE_string(
         "output",
         os.path.join(REPO_ROOT, "experiments", "results", "table2_alexnet.md"),
         "Where the markdown table is written.",
     )
+
+
+def read_paper_table2(path: str) -> dict:
+    """The paper's Table 2 from ``path`` (TABLES.md), read with the labels
+    swapped: {layer: ((||w||, ||g||, ratio) of the weights, (||w||, ||g||,
+    ratio) of the biases)}. Raises ``ValueError`` naming the file if its
+    "## Table 2" section lacks a layer's columns."""
+    with open(path) as f:
+        section = f.read().split("## Table 2", 1)[-1].split("\n## ", 1)[0]
+    columns, table = [], {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells[0] == "layer":
+            columns = cells[1:]
+        elif cells[0] in ("norm w", "norm grad", "ratio"):
+            for column, value in zip(columns, cells[1:], strict=True):
+                table.setdefault(column, []).append(float(value))
+    try:
+        return {
+            name: (tuple(table[f"{name}.b"]), tuple(table[f"{name}.w"]))
+            for name in CAFFE_INIT
+        }
+    except KeyError as missing:
+        raise ValueError(f"{path}: Table 2 has no column {missing}") from None
 
 
 def caffe_batch(image_dir: str, batch_size: int, seed: int):
@@ -166,20 +186,18 @@ def layer_norms(model, images, labels, seed: int) -> dict:
     return norms
 
 
-def comparison_table(norms: dict) -> str:
-    """Markdown: ours beside the paper's (labels swapped), per variable."""
+def comparison_table(norms: dict, paper: dict) -> str:
+    """Markdown: ours beside the paper's (``read_paper_table2``), per variable."""
     lines = [
         "| variable | ||w|| ours | ||w|| paper | ||g|| ours | ||g|| paper "
         "| ratio ours | ratio paper |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, ours in norms.items():
-        for kind, (w, g), paper in zip(
-            ("w", "b"), ours, PAPER_TABLE2[name], strict=True
-        ):
+        for kind, (w, g), theirs in zip(("w", "b"), ours, paper[name], strict=True):
             lines.append(
-                f"| {name}.{kind} | {w:.4g} | {paper[0]:g} | {g:.3g} | {paper[1]:g} "
-                f"| {w / g:.3g} | {paper[2]:g} |"
+                f"| {name}.{kind} | {w:.4g} | {theirs[0]:g} | {g:.3g} | {theirs[1]:g} "
+                f"| {w / g:.3g} | {theirs[2]:g} |"
             )
     return "\n".join(lines)
 
@@ -193,6 +211,14 @@ def main(argv: list[str]) -> None:
     )
     if not os.path.isdir(image_dir):
         print(f"--image_dir: {image_dir} is not a folder", file=sys.stderr)
+        sys.exit(2)
+    if not os.path.isfile(FLAGS.paper_tables):
+        print(f"--paper_tables: {FLAGS.paper_tables} is not a file", file=sys.stderr)
+        sys.exit(2)
+    try:
+        paper = read_paper_table2(FLAGS.paper_tables)
+    except ValueError as error:
+        print(f"--paper_tables: {error}", file=sys.stderr)
         sys.exit(2)
     images, labels = caffe_batch(image_dir, FLAGS.batch_size, FLAGS.seed)
     if FLAGS.uniform_labels:
@@ -209,7 +235,7 @@ def main(argv: list[str]) -> None:
         )
         + "; paper: Table 2 with its .w/.b labels swapped."
     )
-    markdown = header + "\n\n" + comparison_table(norms) + "\n"
+    markdown = header + "\n\n" + comparison_table(norms, paper) + "\n"
     print(markdown)
     with open(FLAGS.output, "w") as f:
         f.write(markdown)
