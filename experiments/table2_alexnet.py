@@ -104,18 +104,31 @@ def define_flags() -> None:
 def read_paper_table2(path: str) -> dict:
     """The paper's Table 2 from ``path`` (TABLES.md), read with the labels
     swapped: {layer: ((||w||, ||g||, ratio) of the weights, (||w||, ||g||,
-    ratio) of the biases)}. Raises ``ValueError`` naming the file if its
-    "## Table 2" section lacks a layer's columns."""
+    ratio) of the biases)}. Raises ``ValueError`` naming the file if it has
+    no "## Table 2" section, a row that is not numbers under its header, or
+    no columns for a layer."""
     with open(path) as f:
-        section = f.read().split("## Table 2", 1)[-1].split("\n## ", 1)[0]
+        text = f.read()
+    if "## Table 2" not in text:
+        raise ValueError(f"{path}: no '## Table 2' section")
+    section = text.split("## Table 2", 1)[1].split("\n## ", 1)[0]
     columns, table = [], {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if cells[0] == "layer":
             columns = cells[1:]
         elif cells[0] in ("norm w", "norm grad", "ratio"):
-            for column, value in zip(columns, cells[1:], strict=True):
-                table.setdefault(column, []).append(float(value))
+            try:
+                values = [float(value) for value in cells[1:]]
+            except ValueError:
+                values = []
+            if not values or len(values) != len(columns):
+                raise ValueError(
+                    f"{path}: Table 2 row {line.strip()!r} is not "
+                    f"{len(columns)} numbers under its header"
+                )
+            for column, value in zip(columns, values):
+                table.setdefault(column, []).append(value)
     try:
         return {
             name: (tuple(table[f"{name}.b"]), tuple(table[f"{name}.w"]))
@@ -212,11 +225,13 @@ def main(argv: list[str]) -> None:
     if not os.path.isdir(image_dir):
         print(f"--image_dir: {image_dir} is not a folder", file=sys.stderr)
         sys.exit(2)
-    if not os.path.isfile(FLAGS.paper_tables):
-        print(f"--paper_tables: {FLAGS.paper_tables} is not a file", file=sys.stderr)
-        sys.exit(2)
     try:
         paper = read_paper_table2(FLAGS.paper_tables)
+    except OSError as error:
+        print(
+            f"--paper_tables: {FLAGS.paper_tables}: {error.strerror}", file=sys.stderr
+        )
+        sys.exit(2)
     except ValueError as error:
         print(f"--paper_tables: {error}", file=sys.stderr)
         sys.exit(2)

@@ -70,3 +70,15 @@ def test_comparison_table_puts_ours_beside_the_paper_with_labels_swapped(paper):
     # conv1's weights: ours 2 / 0.5 = 4; the paper's ".b" column 1.86 / 0.22 / 8.48.
     assert rows[2] == "| conv1.w | 2 | 1.86 | 0.5 | 0.22 | 4 | 8.48 |"
     assert rows[3] == "| conv1.b | 0.1 | 0.098 | 0.001 | 0.017 | 100 | 5.76 |"
+
+
+def test_a_table_with_a_row_that_is_not_numbers_is_named(tmp_path):
+    path = tmp_path / "TABLES.md"
+    path.write_text(
+        "## Table 2\n| layer | conv1.b | conv1.w |\n| norm w | 1.86 | n/a |\n"
+    )
+    with pytest.raises(ValueError, match=r"TABLES.md: Table 2 row .* is not 2 numbers"):
+        table2.read_paper_table2(str(path))
+    path.write_text("# Tables\n| layer | conv1.b |\n| norm w | 1.86 |\n")
+    with pytest.raises(ValueError, match=r"TABLES.md: no '## Table 2' section"):
+        table2.read_paper_table2(str(path))
