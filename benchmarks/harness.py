@@ -15,7 +15,8 @@ taken per round (candidate / reference in the same round), then summarized.
 CPU time is this process's (all threads), which other processes' load
 disturbs far less than wall time.
 
-This module imports neither TensorFlow nor JAX: the JAX benchmarks run where
+This module imports neither TensorFlow nor JAX (nor does `train.config`,
+whose atomic JSON writer it uses): the JAX benchmarks run where
 TensorFlow is not installed, which is why ResNet-50's shapes are read from
 `resnet50_shapes.json` (written from `train.models` by `write_resnet50_shapes`;
 a test checks it against the model).
@@ -33,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+
+from train import RunError
+from train import config as config_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer(
@@ -205,14 +209,19 @@ def machine_line() -> str:
 def write_results(name: str, figures: dict) -> Path:
     """Writes `figures` with the command and machine line; returns the path."""
     path = Path(FLAGS.output) if FLAGS.output else RESULTS_DIR / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": name,
         "command": " ".join(["python -m", f"benchmarks.{name}", *sys.argv[1:]]),
         "machine": machine(),
         "figures": figures,
     }
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    try:  # A kill or a full disk leaves the previous file whole.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        config_lib.write_json(str(path), record)
+    except OSError as error:
+        fail(f"--output={path}: {error.strerror or error}")
+    except RunError as error:
+        fail(f"--output={path}: {error}")
     print(f"figures written to {path}", flush=True)
     return path
 

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks import harness
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,3 +100,36 @@ def test_optimizer_memory_writes_both_candidates(tmp_path):
     for figures in record["figures"].values():
         assert figures["resident_mb"]["median"] > 100  # TensorFlow alone is more
         assert figures["step_peak_mb"]["rounds"][0] >= 0
+
+
+def test_a_failed_results_write_is_one_line_and_keeps_the_previous_file(
+    tmp_path, monkeypatch, capsys
+):
+    from absl import flags
+
+    from train import config as config_lib
+
+    path = tmp_path / "figures.json"
+    path.write_text('{"figures": "previous"}\n')
+
+    def full_disk(content, file, **kwargs):
+        file.write('{"figures": ')  # Half written, then the disk is full.
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(config_lib.json, "dump", full_disk)
+    was_parsed = flags.FLAGS.is_parsed()
+    flags.FLAGS.mark_as_parsed()
+    monkeypatch.setattr(flags.FLAGS, "output", str(path))
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            harness.write_results("optimizer_memory", {"lars": 1.0})
+    finally:
+        if not was_parsed:
+            flags.FLAGS.unparse_flags()
+
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1
+    assert f"--output={path}" in stderr and "No space left on device" in stderr
+    assert path.read_text() == '{"figures": "previous"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.json"]
