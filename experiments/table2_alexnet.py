@@ -39,8 +39,10 @@ import sys
 import numpy as np
 from absl import app, flags
 
+import train
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_TABLES = os.path.join(os.path.dirname(REPO_ROOT), "shared", "paper", "TABLES.md")
+PAPER_TABLES = os.path.join(train.SHARED_DIR, "paper", "TABLES.md")
 # Caffe's Gaussian std for the weights and constant for the biases, per layer.
 CAFFE_INIT = {
     "conv1": (0.01, 0.01),
@@ -217,7 +219,6 @@ def comparison_table(norms: dict, paper: dict) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    import train
 
     image_dir = FLAGS.image_dir or os.path.join(
         train.shared_data_dir(), "imagenette2-224", "train"

@@ -43,11 +43,16 @@ def _load_lars_tf_validation():
 lars_tf_validation = _load_lars_tf_validation()
 
 
+# What the project provides beside the checkout: data/, paper/TABLES.md.
+SHARED_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "shared",
+)
+
+
 def shared_data_dir() -> str:
     """$LARS_TF_DATA_DIR, else ``../shared/data`` next to the repository root."""
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    default = os.path.join(os.path.dirname(repo_root), "shared", "data")
-    return os.environ.get("LARS_TF_DATA_DIR", default)
+    return os.environ.get("LARS_TF_DATA_DIR", os.path.join(SHARED_DIR, "data"))
 
 
 class UserError(Exception):
