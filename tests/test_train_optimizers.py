@@ -109,37 +109,36 @@ def test_optimizers_from_flags():
     assert isinstance(lamb.inner_optimizer, keras.optimizers.Lamb)
 
 
-def test_plain_argument_optimizers():
-    """What a program without a Config builds: `make_*` directly."""
+def test_optimizer_arguments_from_flags():
     model = _tiny_model()
-    variables = model.trainable_variables
-    schedule = optimizers.make_schedule("poly", 0.8, train_steps=10, warmup_steps=2)
-    assert float(schedule(1)) == pytest.approx(0.4)
-    assert float(schedule(6)) == pytest.approx(0.8 * (1 - 4 / 8) ** 2)
-    nesterov = optimizers.make_optimizer(
-        "sgd", schedule, variables, momentum=0.8, nesterov=True
+    nesterov = optimizers.build_optimizer(
+        _config(optimizer="sgd", momentum=0.8, nesterov=True), model
     )
     assert isinstance(nesterov, keras.optimizers.SGD) and nesterov.built
     assert nesterov.nesterov and nesterov.momentum == 0.8
-    lars = optimizers.make_optimizer("lars", 0.1, variables, trust_coefficient=0.02)
+    lars = optimizers.build_optimizer(
+        _config(trust_coefficient=0.02, weight_decay=0), model
+    )
     assert (lars.trust_coefficient, lars.coupled_weight_decay) == (0.02, 0.0)
-    lamb = optimizers.make_optimizer("lamb", 0.1, variables, momentum=0.7)
+    lamb = optimizers.build_optimizer(_config(optimizer="lamb", momentum=0.7), model)
     assert (lamb.beta_1, lamb.epsilon) == (0.7, 1e-6)
-    with pytest.raises(ValueError, match="`name`"):
-        optimizers.make_optimizer("adam", 0.1, variables)
-    with pytest.raises(ValueError, match="`kind`"):
-        optimizers.make_schedule("linear", 0.8, train_steps=10, warmup_steps=2)
+    with pytest.raises(config.FlagError, match="--optimizer"):
+        _config(optimizer="adam")
+    with pytest.raises(config.FlagError, match="--lr_schedule"):
+        _config(lr_schedule="linear")
 
 
-def test_config_path_is_the_plain_argument_path():
+def test_lars_from_flags_is_lars_built_by_hand():
     model = _tiny_model()
     c = _config(lr_schedule="cosine", global_batch_size=512, warmup_epochs=1)
     from_config = optimizers.build_optimizer(c, model)
-    by_hand = optimizers.make_optimizer(
-        "lars",
-        optimizers.make_schedule("cosine", c.peak_learning_rate, c.train_steps,
-                                 c.warmup_steps),
-        model.trainable_variables, weight_decay=c.weight_decay,
-        exclude=lars_tf.exclude_bias_and_norm,
-    )  # fmt: skip
+    schedule = lars_tf.WarmupCosineDecay(
+        c.peak_learning_rate, c.train_steps, warmup_steps=c.warmup_steps
+    )
+    by_hand = lars_tf.LARS(
+        schedule,
+        weight_decay=c.weight_decay,
+        exclude_from_adaptation=lars_tf.exclude_bias_and_norm,
+        exclude_from_weight_decay=lars_tf.exclude_bias_and_norm,
+    )
     assert from_config.get_config() == by_hand.get_config()
