@@ -24,14 +24,14 @@ import time
 import tensorflow as tf
 
 from benchmarks import harness
-from train import convert_images, data, shared_data_dir
+from train import convert_images, data, shared_data_dir, sources
 
 REFERENCE_CROP_PADDING = 32  # Evaluation crop: image_size / (image_size + 32).
 
 
 def converted_imagenette(cache_dir: str) -> str:
     """The shard folder, converting Imagenette's photos on first use."""
-    if os.path.exists(os.path.join(cache_dir, data.INFO_FILENAME)):
+    if os.path.exists(os.path.join(cache_dir, sources.INFO_FILENAME)):
         return cache_dir
     source = os.path.join(shared_data_dir(), "imagenette2-224", "train")
     if not os.path.isdir(source):
@@ -76,7 +76,7 @@ def reencoded(data_dir: str, width: int, height: int) -> str:
     """The shards with every photo upscaled to width x height (written once
     to `<data_dir>_<width>x<height>`)."""
     out_dir = f"{data_dir.rstrip('/')}_{width}x{height}"
-    if os.path.exists(os.path.join(out_dir, data.INFO_FILENAME)):
+    if os.path.exists(os.path.join(out_dir, sources.INFO_FILENAME)):
         return out_dir
     print(f"re-encoding {data_dir} at {width}x{height} -> {out_dir} (once)")
     os.makedirs(out_dir, exist_ok=True)
@@ -84,9 +84,9 @@ def reencoded(data_dir: str, width: int, height: int) -> str:
         for path in data.list_record_files(data_dir, split):
             out_path = os.path.join(out_dir, os.path.basename(path))
             _reencode_file(path, out_path, width, height)
-    with open(os.path.join(data_dir, data.INFO_FILENAME)) as source:
+    with open(os.path.join(data_dir, sources.INFO_FILENAME)) as source:
         info = source.read()
-    with open(os.path.join(out_dir, data.INFO_FILENAME), "w") as target:
+    with open(os.path.join(out_dir, sources.INFO_FILENAME), "w") as target:
         target.write(info)
     return out_dir
 

@@ -91,7 +91,7 @@ def test_dense_labels_layout_and_rgb(image_folders, tmp_path):
     # Shuffled before sharding: the first shard mixes classes.
     first_shard = {e["label"] for e in examples if e["file"].startswith("train-00000")}
     assert len(first_shard) > 1
-    stored = json.loads((output / data.INFO_FILENAME).read_text())
+    stored = json.loads((output / sources.INFO_FILENAME).read_text())
     facts = sources.describe("imagenet", str(output))
     assert (
         facts.num_classes,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from train import FlagError, convert_images, data, data_service
+from train import FlagError, convert_images, data, data_service, sources
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Seconds for a process to print its ready line: ~10 s alone (TensorFlow's
@@ -129,7 +129,7 @@ def records_dir(tmp_path_factory):
     """4 train and 4 validation files of NUM_EXAMPLES 32x32 JPEGs, labels 1..N."""
     folder = tmp_path_factory.mktemp("records")
     rng = np.random.default_rng(0)
-    for split in data.SPLITS:
+    for split in sources.SPLITS:
         for shard in range(4):
             name = f"{split}-{shard:05d}-of-00004"
             with tf.io.TFRecordWriter(str(folder / name)) as writer:

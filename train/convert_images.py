@@ -37,7 +37,7 @@ import sys
 import tensorflow as tf
 from absl import app, flags, logging
 
-from train import data
+from train import sources
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 LABEL_MODES = ("dense", "imagenet")
@@ -270,7 +270,7 @@ def convert(
         )
     info["num_classes"] = len(synsets) if synsets else len(all_classes)
     info["classes"] = {name: labels[name] for name in all_classes}
-    with tf.io.gfile.GFile(os.path.join(output_dir, data.INFO_FILENAME), "w") as f:
+    with tf.io.gfile.GFile(os.path.join(output_dir, sources.INFO_FILENAME), "w") as f:
         json.dump(info, f, indent=2)
     return info
 

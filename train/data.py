@@ -53,12 +53,9 @@ from train import (
     UserError,
     data_service,
     preprocessing,
-    shared_data_dir,  # noqa: F401  (callers use data.shared_data_dir)
     sources,
 )
 
-SPLITS = sources.SPLITS
-INFO_FILENAME = sources.INFO_FILENAME
 # Image dtypes a pipeline delivers: normalized floats, or "uint8": the
 # preprocessed pixels, 4x fewer bytes to the device than float32, for
 # `normalize` inside the model's step.
@@ -158,9 +155,9 @@ class Settings:
     holdout: Holdout = Holdout()
 
     def __post_init__(self):
-        if self.split not in (*SPLITS, "holdout"):
+        if self.split not in (*sources.SPLITS, "holdout"):
             raise ValueError(
-                f"split must be one of {SPLITS} or holdout, got {self.split!r}"
+                f"split must be one of {sources.SPLITS} or holdout, got {self.split!r}"
             )
         if self.split == "holdout" and not self.holdout.fraction:
             raise ValueError("split holdout needs a holdout fraction > 0")
