@@ -220,8 +220,8 @@ def write_results(name: str, figures: dict) -> Path:
         config_lib.write_json(str(path), record)
     except OSError as error:
         fail(f"--output={path}: {error.strerror or error}")
-    except RunError as error:
-        fail(f"--output={path}: {error}")
+    except RunError as error:  # "could not write <path>: <cause>"
+        fail(f"--output: {error}")
     print(f"figures written to {path}", flush=True)
     return path
 

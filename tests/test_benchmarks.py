@@ -124,6 +124,6 @@ def test_a_failed_results_write_is_one_line_and_keeps_the_previous_file(
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
     assert stderr.count("\n") == 1
-    assert f"--output={path}" in stderr and "No space left on device" in stderr
+    assert f"--output: could not write {path}: No space left on device" in stderr
     assert path.read_text() == '{"figures": "previous"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.json"]
