@@ -1,6 +1,7 @@
 """The training app's optimizers, schedules and weight decay (train/optimizers.py),
 built from Configs (train/config.py)."""
 
+import dataclasses
 import math
 
 import keras
@@ -126,6 +127,15 @@ def test_optimizer_arguments_from_flags():
         _config(optimizer="adam")
     with pytest.raises(config.FlagError, match="--lr_schedule"):
         _config(lr_schedule="linear")
+    # A Config made past the flags' checks is still refused, by name.
+    with pytest.raises(ValueError, match="optimizer .* Received: 'adam'"):
+        optimizers.build_optimizer(
+            dataclasses.replace(_config(), optimizer="adam"), model
+        )
+    with pytest.raises(ValueError, match="lr_schedule .* Received: 'linear'"):
+        optimizers.learning_rate_schedule(
+            dataclasses.replace(_config(), lr_schedule="linear")
+        )
 
 
 def test_lars_from_flags_is_lars_built_by_hand():

@@ -38,7 +38,9 @@ def learning_rate_schedule(
         )
     decay = {"poly": WarmupPolynomialDecay, "cosine": WarmupCosineDecay}
     if config.lr_schedule not in decay:
-        raise ValueError(f"lr_schedule must be one of {SCHEDULES}: {config!r}")
+        raise ValueError(
+            f"lr_schedule must be one of {SCHEDULES}. Received: {config.lr_schedule!r}"
+        )
     extra = {"power": config.poly_power} if config.lr_schedule == "poly" else {}
     return decay[config.lr_schedule](
         config.peak_learning_rate,
@@ -94,7 +96,7 @@ def build_optimizer(config: Config, model: keras.Model) -> keras.optimizers.Opti
                 var_list=[v for v in variables if exclude(v)]
             )
     else:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}: {config!r}")
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}. Received: {name!r}")
     if config.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(variables)
