@@ -16,7 +16,7 @@ CPU time is this process's (all threads), which other processes' load
 disturbs far less than wall time.
 
 This module imports neither TensorFlow nor JAX (nor does `train.config`,
-whose atomic JSON writer it uses): the JAX benchmarks run where
+whose atomic write it uses): the JAX benchmarks run where
 TensorFlow is not installed, which is why ResNet-50's shapes are read from
 `resnet50_shapes.json` (written from `train.models` by `write_resnet50_shapes`;
 a test checks it against the model).
@@ -215,11 +215,14 @@ def write_results(name: str, figures: dict) -> Path:
         "machine": machine(),
         "figures": figures,
     }
+    # No `default=`: a figure JSON cannot hold (a NumPy scalar) is our bug.
+    text = json.dumps(record, indent=1) + "\n"
     try:  # A kill or a full disk leaves the previous file whole.
         path.parent.mkdir(parents=True, exist_ok=True)
-        config_lib.write_json(str(path), record)
+        with config_lib.written_atomically(str(path)) as temporary:
+            Path(temporary).write_text(text)
     except OSError as error:
-        fail(f"--output={path}: {error.strerror or error}")
+        fail(f"--output: could not write {path}: {error.strerror or error}")
     except RunError as error:  # "could not write <path>: <cause>"
         fail(f"--output: {error}")
     print(f"figures written to {path}", flush=True)

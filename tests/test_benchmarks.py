@@ -106,16 +106,15 @@ def test_optimizer_memory_writes_both_candidates(tmp_path):
 def test_a_failed_results_write_is_one_line_and_keeps_the_previous_file(
     tmp_path, monkeypatch, capsys
 ):
-    from train import config as config_lib
-
     path = tmp_path / "figures.json"
     path.write_text('{"figures": "previous"}\n')
 
-    def full_disk(content, file, **kwargs):
-        file.write('{"figures": ')  # Half written, then the disk is full.
+    def full_disk(self, text, *args, **kwargs):
+        with open(self, "w") as file:
+            file.write(text[:10])  # Half written, then the disk is full.
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(config_lib.json, "dump", full_disk)
+    monkeypatch.setattr(harness.Path, "write_text", full_disk)
     # The flag's value without parsing absl's flags in this shared process.
     monkeypatch.setattr(harness, "FLAGS", types.SimpleNamespace(output=str(path)))
     with pytest.raises(SystemExit) as exit_info:
